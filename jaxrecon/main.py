@@ -1,0 +1,28 @@
+"""Entry point: ``python -m jaxrecon.main --config=configs/default.py --workdir=DIR``.
+
+Kept tiny on purpose; the work happens in `jaxrecon.train`, which tests and notebooks import.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from jaxrecon import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoints and logs.")
+config_flags.DEFINE_config_file("config", None, "Configuration file (configs/*.py).", lock_config=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.info("JAX process %d / %d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
