@@ -1,0 +1,1 @@
+"""Floor 2: Flax modules (feature networks now; the reconstruction model later)."""
