@@ -39,6 +39,10 @@ def test_loss_equals_metric_and_has_finite_gradients():
   np.testing.assert_allclose(loss, expected, rtol=1e-4)
   grads = jax.grad(fid.fid_loss, argnums=(0, 1))(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
   assert all(np.all(np.isfinite(g)) for g in grads)
+  # Constant (duplicated) features have a zero centred matrix: value and gradient stay finite.
+  constant = jnp.ones((8, 48), jnp.float32)
+  value, g = jax.value_and_grad(fid.fid_loss, argnums=1)(jnp.asarray(a, jnp.float32), constant)
+  assert np.isfinite(value) and np.all(np.isfinite(g))
   # Identical batches: the loss is 0 and the gradient still finite.
   same = jax.grad(fid.fid_loss, argnums=1)(jnp.asarray(a, jnp.float32), jnp.asarray(a, jnp.float32))
   assert np.all(np.isfinite(same))
@@ -70,3 +74,20 @@ def test_bad_input_is_named():
     fid.feature_statistics(np.zeros((1, 4)))
   with pytest.raises(ValueError, match="differ in shape"):
     fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_streaming_statistics_merge_equals_batch_statistics():
+  feats = _features(250, 12, 9, shift=100.0)  # a large offset would expose E[xx^T] - mu mu^T cancellation
+  mu, sigma = fid.feature_statistics(feats)
+  streaming = fid.StreamingStatistics()
+  for chunk in np.array_split(feats[:150], 7):
+    streaming.update(chunk)
+  other_host = fid.StreamingStatistics().update(feats[150:])
+  streaming.merge(other_host).merge(fid.StreamingStatistics())
+  got_mu, got_sigma = streaming.mean_and_covariance()
+  assert streaming.count == 250
+  np.testing.assert_allclose(got_mu, mu, rtol=1e-12)
+  np.testing.assert_allclose(got_sigma, sigma, rtol=1e-9, atol=1e-12)
+  assert streaming.merge_across_processes() is streaming  # single process: unchanged
+  with pytest.raises(ValueError, match="at least 2"):
+    fid.StreamingStatistics().update(feats[:1]).mean_and_covariance()

@@ -9,6 +9,7 @@ import pytest
 from jaxrecon.models import inception
 from jaxrecon.models import layers
 from jaxrecon.models import weights
+from tests import golden
 
 
 def test_parameter_table_matches_pytorch_fid_layout():
@@ -36,21 +37,33 @@ def test_preprocess_matches_torch_interpolate():
   np.testing.assert_allclose(inception.fid_preprocess(jnp.asarray(x)), expected, atol=2e-6)
 
 
+def _relative_error(got, want):
+  got, want = np.asarray(got), np.asarray(want)
+  assert got.shape == want.shape
+  return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
 @pytest.mark.slow
-def test_parity_with_pytorch_fid():
+def test_golden_fixture_without_torch():
+  state_dict, inputs, outputs = golden.load("fid_inception")
+  variables = flax.traverse_util.unflatten_dict(weights.torch_to_flat("fid_inception", state_dict), sep="/")
+  pool3, blocks = inception.FIDInceptionV3().apply(variables, jnp.asarray(inputs), return_blocks=True)
+  for k, block in enumerate(blocks):
+    assert _relative_error(block.mean(axis=(1, 2)), outputs[f"block{k}_mean"]) < 1e-5
+  assert _relative_error(pool3, outputs["pool3"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_parity_with_pytorch_fid(tmp_path):
   torch = pytest.importorskip("torch")
   from tests import torch_reference as ref  # pylint: disable=g-import-not-at-top
 
   model_t = ref.fid_inception()
-  flat = weights.torch_to_flat("fid_inception", ref.fid_state_dict(model_t))
-  variables = flax.traverse_util.unflatten_dict(flat, sep="/")
+  variables = ref.convert_via_pth(tmp_path, "fid_inception", ref.fid_state_dict(model_t), legacy=False)
   x = np.random.default_rng(1).uniform(size=(2, 64, 80, 3)).astype(np.float32)  # upsampled to 299
   with torch.no_grad():
     expected = model_t(ref.nchw(x))
   pool3, blocks = jax.jit(lambda v, x: inception.FIDInceptionV3().apply(v, x, return_blocks=True))(
       variables, jnp.asarray(x))
   for got, want in zip((*blocks, pool3[:, None, None, :]), expected):
-    want = ref.nhwc(want)
-    assert got.shape == want.shape
-    rel = np.linalg.norm(np.asarray(got) - want) / np.linalg.norm(want)
-    assert rel < 1e-5, rel
+    assert _relative_error(got, ref.nhwc(want)) < 1e-5

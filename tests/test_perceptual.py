@@ -11,6 +11,7 @@ import pytest
 from jaxrecon.models import perceptual
 from jaxrecon.models import weights
 from jaxrecon.tools import torch_checkpoint
+from tests import golden
 
 
 @pytest.mark.parametrize("arch,size,shapes", [
@@ -35,6 +36,16 @@ def test_cosine_distance_is_half_the_unit_squared_distance():
   np.testing.assert_allclose(perceptual.perceptual_distance(f0, f0), 0.0, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["alexnet", "vgg16"])
+def test_golden_fixture_without_torch(arch):
+  state_dict, inputs, outputs = golden.load(arch)
+  variables = flax.traverse_util.unflatten_dict(weights.torch_to_flat(arch, state_dict), sep="/")
+  net = perceptual.FeatureNet(arch)
+  feats = net.apply(variables, perceptual.lpips_input(jnp.asarray(inputs)))
+  got = perceptual.perceptual_distance([f[:2] for f in feats], [f[2:] for f in feats])
+  np.testing.assert_allclose(got, outputs["perceptual_distance"], rtol=1e-4)
+
+
 def _lpips_trunk_state(model_t) -> dict:
   """lpips keeps torchvision's feature indices inside its slices: net.sliceK.IDX.* -> features.IDX.*"""
   out = {}
@@ -45,7 +56,7 @@ def _lpips_trunk_state(model_t) -> dict:
 
 
 @pytest.mark.parametrize("arch,lpips_net", [("alexnet", "alex"), ("vgg16", "vgg")])
-def test_distances_match_lpips_package(arch, lpips_net):
+def test_distances_match_lpips_package(tmp_path, arch, lpips_net):
   torch = pytest.importorskip("torch")
   from tests import torch_reference as ref  # pylint: disable=g-import-not-at-top
 
@@ -59,8 +70,7 @@ def test_distances_match_lpips_package(arch, lpips_net):
   # UMR's uncalibrated 'net' mode == 1/2 of lpips without linear heads (see the cosine test).
   base_t = lpips.LPIPS(net=lpips_net, lpips=False, pnet_rand=True, verbose=False)
   ref.randomize_(base_t.net, seed=4)
-  flat = weights.torch_to_flat(arch, _lpips_trunk_state(base_t))
-  variables = flax.traverse_util.unflatten_dict(flat, sep="/")
+  variables = ref.convert_via_pth(tmp_path, arch, _lpips_trunk_state(base_t))
   net = perceptual.FeatureNet(arch)
   feats = lambda x: net.apply(variables, perceptual.lpips_input(jnp.asarray(x)))
   with torch.no_grad():

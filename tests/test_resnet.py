@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxrecon.models import resnet
+from tests import golden
 from jaxrecon.models import weights
 
 
@@ -24,13 +25,21 @@ def test_imagenet_normalize():
   np.testing.assert_allclose(resnet.imagenet_normalize(x), 0.0, atol=1e-7)
 
 
-def test_parity_with_torchvision():
+def test_golden_fixture_without_torch():
+  state_dict, inputs, outputs = golden.load("resnet18")
+  variables = flax.traverse_util.unflatten_dict(weights.torch_to_flat("resnet18", state_dict), sep="/")
+  got = np.asarray(resnet.ResNet18().apply(variables, jnp.asarray(inputs)))
+  want = outputs["layer4"]
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
+
+
+def test_parity_with_torchvision(tmp_path):
   torch = pytest.importorskip("torch")
   from tests import torch_reference as ref  # pylint: disable=g-import-not-at-top
 
   model_t = ref.resnet18()
-  flat = weights.torch_to_flat("resnet18", ref.state_dict_numpy(model_t))
-  variables = flax.traverse_util.unflatten_dict(flat, sep="/")
+  state = {k: v for k, v in ref.state_dict_numpy(model_t).items() if not k.startswith("fc.")}
+  variables = ref.convert_via_pth(tmp_path, "resnet18", state)
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 67, 93, 3)).astype(np.float32)  # odd sizes exercise the stride-2 padding
   with torch.no_grad():

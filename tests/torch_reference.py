@@ -7,6 +7,7 @@ with random weights, including random BatchNorm statistics, so parity covers eve
 """
 
 import functools
+import os
 
 import numpy as np
 import torch
@@ -91,15 +92,18 @@ def fid_inception():
   return model
 
 
+# The checkpoint name of each layer inside pytorch-fid's four blocks (None: a parameter-free pool).
+FID_BLOCK_LAYERS = (
+    ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", None),
+    ("Conv2d_3b_1x1", "Conv2d_4a_3x3", None),
+    ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"),
+    ("Mixed_7a", "Mixed_7b", "Mixed_7c", None))
+
+
 def fid_state_dict(model) -> dict:
   """pytorch-fid wraps the torchvision layers in blocks; map back to the checkpoint's key names."""
-  blocks = [list(b.children()) for b in model.blocks]
-  layer_names = [["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", None],
-                 ["Conv2d_3b_1x1", "Conv2d_4a_3x3", None],
-                 ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"],
-                 ["Mixed_7a", "Mixed_7b", "Mixed_7c", None]]
   out = {}
-  for block, block_names in zip(blocks, layer_names):
+  for block, block_names in zip((list(b.children()) for b in model.blocks), FID_BLOCK_LAYERS):
     for layer, name in zip(block, block_names):
       if name is None:
         continue
@@ -112,3 +116,14 @@ def feature_net(arch: str):
   tv = torchvision()
   model = tv.models.alexnet(weights=None) if arch == "alexnet" else tv.models.vgg16(weights=None)
   return randomize_(model, seed=3)
+
+
+def convert_via_pth(tmp_dir, model: str, state_dict: dict, legacy: bool = True):
+  """Save `state_dict` as a .pth, convert it with jaxrecon's converter, load the variables back."""
+  from jaxrecon.models import weights  # pylint: disable=g-import-not-at-top
+  from jaxrecon.tools import convert_weights  # pylint: disable=g-import-not-at-top
+  src, out = os.path.join(str(tmp_dir), f"{model}.pth"), os.path.join(str(tmp_dir), f"{model}.npz")
+  torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}, src,
+             _use_new_zipfile_serialization=not legacy)
+  convert_weights.convert(model, src, out, reader="numpy")
+  return weights.load_variables(out, model)

@@ -15,9 +15,12 @@ pytorch-fid's `calculate_frechet_distance` (scipy ``sqrtm``) is the outside orac
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
-import jax.numpy as jnp
 
 
 def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
@@ -26,6 +29,61 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
   if features.ndim != 2 or features.shape[0] < 2:
     raise ValueError(f"need at least 2 feature vectors of shape (n, d), got {features.shape}")
   return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+@dataclasses.dataclass
+class StreamingStatistics:
+  """Mean and covariance of features accumulated batch by batch, mergeable across batches and hosts.
+
+  Uses Chan et al.'s pairwise update (count, mean, sum of squared deviations) in float64, which is
+  exact up to rounding and does not cancel catastrophically like ``E[xxᵀ] − μμᵀ``.
+  """
+  count: int = 0
+  mean: np.ndarray | None = None
+  scatter: np.ndarray | None = None  # Σ (x − mean)(x − mean)ᵀ
+
+  def update(self, features) -> "StreamingStatistics":
+    """Add a batch (n, d) of features; returns self."""
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2:
+      raise ValueError(f"features must be (n, d), got {features.shape}")
+    batch_mean = features.mean(axis=0)
+    centred = features - batch_mean
+    self.merge(StreamingStatistics(features.shape[0], batch_mean, centred.T @ centred))
+    return self
+
+  def merge(self, other: "StreamingStatistics") -> "StreamingStatistics":
+    """Fold in statistics accumulated elsewhere (another batch, shard or host); returns self."""
+    if other.count == 0:
+      return self
+    if self.count == 0:
+      self.count, self.mean, self.scatter = other.count, other.mean.copy(), other.scatter.copy()
+      return self
+    total = self.count + other.count
+    delta = other.mean - self.mean
+    self.scatter = self.scatter + other.scatter + np.outer(delta, delta) * (self.count * other.count / total)
+    self.mean = self.mean + delta * (other.count / total)
+    self.count = total
+    return self
+
+  def merge_across_processes(self) -> "StreamingStatistics":
+    """All-gather every JAX process's statistics and merge them (identical result on each host)."""
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if jax.process_count() == 1:
+      return self
+    gathered = multihost_utils.process_allgather(
+        {"count": np.array([self.count], np.float64), "mean": self.mean, "scatter": self.scatter})
+    merged = StreamingStatistics()
+    for i in range(jax.process_count()):
+      merged.merge(StreamingStatistics(int(gathered["count"][i][0]), np.asarray(gathered["mean"][i]),
+                                       np.asarray(gathered["scatter"][i])))
+    return merged
+
+  def mean_and_covariance(self) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (d,), unbiased covariance (d, d)) as `feature_statistics` would give on all the data."""
+    if self.count < 2:
+      raise ValueError(f"need at least 2 feature vectors, have {self.count}")
+    return self.mean, self.scatter / (self.count - 1)
 
 
 def sqrt_psd(sigma) -> np.ndarray:
