@@ -4,8 +4,9 @@ FID between feature sets with means μ and covariances Σ is
 ``‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^{1/2})`` (Eq. 42-43). Two exact routes to the trace term,
 neither of which forms a complex matrix square root (fid-and-weights.md §3):
 
-* statistics route (the metric, any n): with ``r = Σ_a^{1/2}`` from a symmetric eigendecomposition,
-  ``Tr (Σ_a Σ_b)^{1/2} = Σ_i sqrt(λ_i(r Σ_b r))`` — float64, eigenvalues clipped at 0.
+* statistics route (the metric, any n): for any factor ``Σ_a = F Fᵀ`` (Cholesky when Σ_a is positive
+  definite, else the symmetric square root), ``Tr (Σ_a Σ_b)^{1/2} = Σ_i sqrt(λ_i(Fᵀ Σ_b F))`` — one
+  symmetric eigenvalue problem in float64, eigenvalues clipped at 0.
 * feature route (the loss, batches): for centred features A (n×d) and B (m×d),
   ``Tr (Σ_a Σ_b)^{1/2} = ‖A Bᵀ‖_* / sqrt((n−1)(m−1))``, the nuclear norm of a small n×m matrix. Its
   gradient is finite even though the centred batch covariances are rank-deficient.
@@ -98,8 +99,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
     raise ValueError(f"statistics differ in shape: {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
-  root1 = sqrt_psd(sigma1)
-  middle = root1 @ sigma2 @ root1
+  # The eigenvalues of Σ1Σ2 are those of the symmetric Fᵀ Σ2 F for any factor Σ1 = F Fᵀ: the
+  # Cholesky factor when Σ1 is positive definite (cheap), else the eigen square root.
+  try:
+    factor = scipy.linalg.cholesky(sigma1, lower=True)
+  except scipy.linalg.LinAlgError:
+    factor = sqrt_psd(sigma1)
+  middle = factor.T @ sigma2 @ factor
   eigenvalues = scipy.linalg.eigvalsh((middle + middle.T) / 2, driver="evd")
   trace_sqrt = np.sum(np.sqrt(np.clip(eigenvalues, 0.0, None)))
   diff = mu1 - mu2
