@@ -33,7 +33,7 @@ class DecodeExample(grain.MapTransform):
   def map(self, example: Mapping[str, Any]) -> dict:
     out = dict(example)
     for key in _UINT8_IMAGES:
-      if key in out:
+      if key in out and np.asarray(out[key]).dtype == np.uint8:
         out[key] = np.asarray(out[key], np.float32) / 255.0
     image = out["image"]
     if image.shape != (self.image_size, self.image_size, 3):
@@ -60,7 +60,7 @@ class Loader:
 
 
 def make_loader(source, *, batch_size: int, image_size: int, seed: int, shuffle: bool = True,
-                num_epochs: int | None = None, worker_count: int = 0) -> Loader:
+                num_epochs: int | None = None, worker_count: int = 0, preprocess=()) -> Loader:
   """A grain loader over a random-access `source` (e.g. a tfds data source).
 
   Args:
@@ -69,6 +69,7 @@ def make_loader(source, *, batch_size: int, image_size: int, seed: int, shuffle:
     image_size: expected image side (records of another size are an error).
     seed: shuffle seed.
     num_epochs: None repeats forever.
+    preprocess: grain transforms applied to each raw record first (e.g. `cub.CubPreprocess`).
   """
   processes = jax.process_count()
   if batch_size % processes:
@@ -78,7 +79,7 @@ def make_loader(source, *, batch_size: int, image_size: int, seed: int, shuffle:
   sampler = grain.IndexSampler(
       num_records=len(source), shard_options=grain.ShardByJaxProcess(drop_remainder=True),
       shuffle=shuffle, num_epochs=num_epochs, seed=seed)
-  operations = [DecodeExample(image_size), grain.Batch(batch_size // processes, drop_remainder=True)]
+  operations = [*preprocess, DecodeExample(image_size), grain.Batch(batch_size // processes, drop_remainder=True)]
   loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                             worker_count=worker_count)
   logging.info("Data: %d records, global batch %d over %d process(es)", len(source), batch_size, processes)
