@@ -10,7 +10,7 @@ from jaxrecon.data import pipeline
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   builder = builders.make_builder("tiny", data_dir=str(tmp_path_factory.mktemp("tfds")),
-                                  num_train=8, num_validation=4, num_test=4, chunk=4)
+                                  image_size=32, num_train=8, num_validation=4, num_test=4, chunk=4)
   return builders.prepare(builder)
 
 

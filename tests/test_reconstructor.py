@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxrecon.geometry import mesh as mesh_lib
 from jaxrecon.models import reconstructor
@@ -10,7 +11,7 @@ from jaxrecon.models import reconstructor
 
 def _tiny(sphere, **kw):
   return reconstructor.Reconstructor(
-      template_half=sphere.half(sphere.vertices), image_size=32, feature_dim=16, encoder_conv_channels=8,
+      template_half=sphere.half(sphere.vertices), image_size=64, feature_dim=16, encoder_conv_channels=8,
       resnet_widths=(4, 4, 8, 8), num_hypotheses=3, camera_width=8, flow_base_channels=8, flow_stages=2,
       variance_base_channels=8, variance_stages=1, num_side=sphere.num_side, **kw)
 
@@ -18,7 +19,7 @@ def _tiny(sphere, **kw):
 def test_tiny_network_outputs():
   sphere = mesh_lib.symmetric_sphere()
   model = _tiny(sphere)
-  images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  images = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
   variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(1), images)
   pred, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, images)
   assert "batch_stats" in updates
@@ -33,7 +34,7 @@ def test_tiny_network_outputs():
   assert np.all(pred.cam_hypotheses[..., 0] > 0)
   assert pred.uv_flow.shape == (2, 16, 32, 2) and float(jnp.abs(pred.uv_flow).max()) <= 1.0
   np.testing.assert_array_equal(pred.variance, 1.0)          # D_var starts as plain sampling
-  assert pred.variance.shape == (2, 32, 32, 1)
+  assert pred.variance.shape == (2, 64, 64, 1)
   no_var = _tiny(sphere, use_variance=False)
   assert jax.eval_shape(lambda v, x: no_var.apply(v, x), variables, images).variance is None
 
@@ -49,6 +50,12 @@ def test_umr_sizes():
   assert out.variance.shape == (1, 256, 256, 1)
   flow_fc = shapes["params"]["flow"]["fc"]["dense_1"]["kernel"].shape
   assert flow_fc == (8192, 8192)  # UMR's 67M-parameter texture-flow layer
+
+
+def test_too_small_images_are_refused():
+  sphere = mesh_lib.symmetric_sphere()
+  with pytest.raises(ValueError, match="at least 64 px"):
+    jax.eval_shape(lambda: _tiny(sphere).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
 
 
 def test_discriminator():

@@ -2,7 +2,7 @@
 
 `synthetic_birds` is generated on first use into the tfds data dir (no download). Configs:
 ``128`` (default: 5000/500/500 at 128 px, 2 novel views per example), ``256`` (same at 256 px) and
-``tiny`` (24/8/8 at 32 px, for tests). `make_builder` also accepts custom sizes.
+``tiny`` (24/8/8 at 64 px, for tests). `make_builder` also accepts custom sizes.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class SyntheticBirds(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [
       SyntheticBirdsConfig(name="128", image_size=128, num_train=5000, num_validation=500, num_test=500),
       SyntheticBirdsConfig(name="256", image_size=256, num_train=5000, num_validation=500, num_test=500),
-      SyntheticBirdsConfig(name="tiny", image_size=32, num_train=24, num_validation=8, num_test=8, chunk=8),
+      SyntheticBirdsConfig(name="tiny", image_size=64, num_train=24, num_validation=8, num_test=8, chunk=8),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:

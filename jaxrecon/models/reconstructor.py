@@ -73,6 +73,9 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool):
     x = resnet.ResNet18(widths=self.resnet_widths, name="resnet")(resnet.imagenet_normalize(images), train)
+    if x.shape[1] < 2:
+      raise ValueError(f"images of {images.shape[1]} px leave a {x.shape[1]}x{x.shape[2]} ResNet map; the "
+                       "encoder's 4x4 stride-2 conv needs at least 2x2, i.e. images of at least 64 px")
     x = nn.Conv(self.conv_channels, (4, 4), 2, padding=((1, 1), (1, 1)), kernel_init=_normal_init(0.02),
                 name="enc_conv1")(x)
     x = nn.leaky_relu(_bn(train, name="enc_bn1")(x), 0.2)

@@ -1,0 +1,87 @@
+r"""The embedded default: train on the built-in `synthetic_birds` dataset, sized for a CPU.
+
+Command (the README's first command):
+  python -m jaxrecon.main --config=configs/synthetic.py --workdir=workdir/synthetic
+
+The dataset (synthetic_birds/128) is generated on first use. Expected result: training runs and
+writes TensorBoard logs, checkpoints and metrics.json (mask IoU and texture L1 on the validation
+split) into the workdir. The quality bar of the training issue (mask IoU >= 0.85 within 10 minutes
+on 2 cores) has not been met yet: see BENCHMARKS.md for the measured numbers.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.job = "train"
+  config.seed = 0
+  config.batch_size = 16
+  config.num_train_steps = 600
+  config.log_every = 20
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every = 200
+  config.checkpoint.max_to_keep = 2
+
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = "synthetic"
+  config.data.synthetic_config = "128"
+  config.data.overrides = ml_collections.ConfigDict()   # e.g. num_train=...: a custom-sized variant
+  config.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+  config.data.image_size = 128
+
+  # Mesh: the icosphere refined `subdivisions` times (3 -> 642 vertices / 1280 faces, as UMR).
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.subdivisions = 3
+  config.mesh.texels_per_edge = 6       # T: a face carries T*T texels (UMR: 6)
+  config.mesh.symmetric_uv = True       # jaxrecon's folded UV (docs/architecture.md); False = UMR's
+
+  config.model = ml_collections.ConfigDict()
+  config.model.template_scale = 0.5     # the sphere template's radius (stage 1 learns a template)
+  config.model.feature_dim = 200
+  config.model.encoder_conv_channels = 128
+  config.model.resnet_widths = (32, 64, 128, 256)
+  config.model.num_hypotheses = 4
+  config.model.camera_width = 128
+  config.model.flow_base_channels = 64
+  config.model.flow_stages = 4          # UV flow 64x128 (UMR: 5 stages, 128x256)
+  config.model.variance_base_channels = 32
+  config.model.variance_stages = 3
+  config.model.disc_channels = 16
+  config.model.disc_layers = 4
+
+  # Rendering (SoftRas defaults, umr.md §1.7).
+  config.render = ml_collections.ConfigDict()
+  config.render.sigma = 1e-5
+  config.render.gamma = 1e-4
+  config.render.depth_offset = 5.0      # UMR's orthographic offset_z
+
+  # The paper's variance branch (§3.2): 'none' (UMR), 'paper' (Eq. 11) or 'adaptive' (Eq. 16-17).
+  config.variance = ml_collections.ConfigDict()
+  config.variance.mode = "adaptive"
+  config.variance.combine = "add"
+  config.variance.lookahead_step = 0.1
+
+  # Loss weights (UMR's stage 2, umr.md §2.1, plus the paper's terms).
+  config.loss_weights = ml_collections.ConfigDict()
+  config.loss_weights.mask = 2.5
+  config.loss_weights.laplacian = 0.15
+  config.loss_weights.flatten = 0.0005
+  config.loss_weights.deform = 1.0
+  config.loss_weights.camera_entropy = 0.05
+  config.loss_weights.texture_l1 = 3.0
+  config.loss_weights.texture_dt = 3.0
+  config.loss_weights.texture_cycle = 1.0
+  config.loss_weights.variance_lookahead = 1.0
+  config.loss_weights.gan = 0.1
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 1e-4
+  config.optim.decay = 5e-4             # lr / (1 + decay * step), UMR
+  config.optim.gradient_penalty = 10.0  # Eq. 39's weight (WGAN-GP's usual 10)
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.split = "validation"
+  config.eval.max_batches = 0           # 0 = the whole split
+  return config
