@@ -1,31 +1,34 @@
 """Bilinear grid sampling, exact against ``torch.nn.functional.grid_sample`` (paper Eq. 7-8, 18).
 
-``grid_sample(image, grid)`` reads ``image`` at the continuous positions in ``grid``. It is GS in the
-paper's Eq. 7-8 (the input image sampled through the texture flow) and in UMR's texture-flow lookup
-(umr.md §1.5). Two implementations live here:
+``grid_sample(image, grid)`` reads ``image`` at the continuous positions in ``grid``. It is GS in
+the paper's Eq. 7-8 (the input image sampled through the texture flow) and in UMR's texture-flow
+lookup (umr.md §1.5). Two implementations live here:
 
-* `grid_sample_reference`: plain ``jnp`` code differentiated by JAX's autodiff, written to be obviously
-  correct. It is the oracle for the tests and for `grid_sample`.
-* `grid_sample`: the same forward value with a hand-written `jax.custom_vjp` (one gather of the four
-  corners, one scatter-add for the image cotangent, closed-form grid cotangent). The backward rule is
-  itself plain ``jnp`` code, so it can be differentiated again (second order, lookahead of Eq. 31-32).
+* `grid_sample_reference`: plain ``jnp`` code differentiated by JAX's autodiff, written to be
+  obviously correct. It is the oracle for the tests and for `grid_sample`.
+* `grid_sample`: the same forward value with a hand-written `jax.custom_vjp` (gathers of the four
+  corners fused into the weighted sum, scatter-adds for the image cotangent, closed-form grid
+  cotangent, only the inputs kept as residuals). The backward rule is itself plain ``jnp`` code,
+  so it can be differentiated again (second order, lookahead of Eq. 31-32).
 
 Conventions (shared by every function in `jaxrecon.ops`):
 
-* Channels last: ``image`` is ``(B, H, W, C)``, ``grid`` is ``(B, ..., 2)``, the result ``(B, ..., C)``.
-* ``grid[..., 0]`` is x (along the width), ``grid[..., 1]`` is y (along the height), both normalised to
-  [-1, 1]; values outside are allowed and handled by ``padding_mode``.
+* Channels last: ``image`` is ``(B, H, W, C)``, ``grid`` is ``(B, ..., 2)``, the result
+  ``(B, ..., C)``.
+* ``grid[..., 0]`` is x (along the width), ``grid[..., 1]`` is y (along the height), both
+  normalised to [-1, 1]; values outside are allowed and handled by ``padding_mode``.
 * ``align_corners=True`` maps -1 and 1 to the centres of the corner pixels (pixel ``i`` sits at
   ``-1 + 2i/(W-1)``): torch<1.3's behaviour, which UMR relies on (umr.md §1.5).
-  ``align_corners=False`` maps -1 and 1 to the outer edges of the corner pixels (torch's default now).
-* ``padding_mode``: 'zeros' (out-of-image corners read 0), 'border' (coordinates clamped to the image),
-  'reflection' (coordinates reflected at the border, then clamped), with torch's exact rules, also for
-  the gradients (a clamped coordinate gets zero gradient, borders included).
+  ``align_corners=False`` maps -1 and 1 to the outer edges of the corner pixels (torch's default).
+* ``padding_mode``: 'zeros' (out-of-image corners read 0), 'border' (coordinates clamped to the
+  image), 'reflection' (coordinates reflected at the border, then clamped), with torch's exact
+  rules, also for the gradients (a clamped coordinate gets zero gradient, borders included).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +36,8 @@ import jax.numpy as jnp
 PADDING_MODES = ("zeros", "border", "reflection")
 
 
-def _check_args(image, grid, padding_mode):
+def check_args(image, grid, padding_mode):
+  """Raises ValueError unless image is (B, H, W, C), grid (B, ..., 2), padding_mode known."""
   if image.ndim != 4:
     raise ValueError(f"image must be (B, H, W, C), got shape {image.shape}")
   if grid.ndim < 2 or grid.shape[-1] != 2 or grid.shape[0] != image.shape[0]:
@@ -58,12 +62,10 @@ def _source_index(coord, size: int, align_corners: bool, padding_mode: str):
     index: (...) float, the coordinate in pixels (pixel centres at integers).
     dindex: (...) float, d index / d coord (torch's ``gix_mult`` times the unnormalisation scale).
   """
-  if align_corners:
-    scale = (size - 1) / 2.0
-    index = (coord + 1.0) * scale
-  else:
-    scale = size / 2.0
-    index = ((coord + 1.0) * size - 1.0) / 2.0
+  # The same float operations, in the same order, as torch's CPU kernel (GridSamplerKernel.cpp):
+  # bit-equal source indices keep floor(), hence the one-sided derivative at pixel centres, equal.
+  scale = (size - 1) / 2.0 if align_corners else size / 2.0
+  index = (coord + 1.0) * scale if align_corners else (coord + 1.0) * scale - 0.5
   mult = jnp.ones_like(index)
   if padding_mode == "reflection":
     # torch's reflect_coordinates_set_grad: reflect into [low, high] = [0, size-1] (align_corners)
@@ -95,10 +97,11 @@ def _source_index(coord, size: int, align_corners: bool, padding_mode: str):
 
 def _reference_source_index(coord, size: int, align_corners: bool, padding_mode: str):
   """Like `_source_index` but built from differentiable ops only (autodiff gives the derivative)."""
+  # Unnormalise as torch's CPU kernel does (same float ops, so floor() agrees at pixel centres).
   if align_corners:
-    index = (coord + 1.0) / 2.0 * (size - 1)
+    index = (coord + 1.0) * ((size - 1) / 2.0)
   else:
-    index = ((coord + 1.0) * size - 1.0) / 2.0
+    index = (coord + 1.0) * (size / 2.0) - 0.5
   if padding_mode == "reflection":
     low, high = (0.0, size - 1.0) if align_corners else (-0.5, size - 0.5)
     span = high - low
@@ -125,7 +128,7 @@ def grid_sample_reference(image, grid, *, align_corners: bool = False, padding_m
   Returns:
     (B, ..., C), same dtype as ``image``.
   """
-  _check_args(image, grid, padding_mode)
+  check_args(image, grid, padding_mode)
   b, h, w, c = image.shape
   grid_shape = grid.shape[1:-1]
   grid = grid.reshape(b, -1, 2).astype(image.dtype)
@@ -152,92 +155,128 @@ def grid_sample_reference(image, grid, *, align_corners: bool = False, padding_m
 # The fast path: custom_vjp.
 
 
-def corner_weights(grid, height: int, width: int, align_corners: bool, padding_mode: str):
-  """Flat corner indices, bilinear weights and their grid derivatives for every sample point.
+class Corners(NamedTuple):
+  """The four corners around every sample point, ordered (y0,x0), (y0,x1), (y1,x0), (y1,x1).
 
-  The four corners are ordered (y0,x0), (y0,x1), (y1,x0), (y1,x1). A corner outside the image gets
-  weight 0 (only 'zeros' padding can produce one) and a clamped, valid index.
+  Structure of arrays: every field is (B, N) or a list of four (B, N) arrays. XLA:CPU vectorises
+  this far better than a trailing axis of size 4, and fuses the gathers into their consumers.
 
-  Args:
-    grid: (B, N, 2) float, normalised ``(x, y)``.
-    height, width: H and W of the sampled image.
-    align_corners, padding_mode: as in `grid_sample`.
-  Returns:
-    index: (B, N, 4) int32 into the flattened ``(B*H*W, ...)`` image.
-    weight: (B, N, 4) float, the weights lambda_ij of Eq. 22 (zero for corners outside the image).
-    dweight: (B, N, 4, 2) float, d weight / d grid (x, y) (the d lambda_ij / dx of Eq. 24-25, in
-      normalised units), zero for corners outside the image.
+  Attributes:
+    index: 4 x (B, N) int32 into the image flattened to (B*H*W, C), clamped to a valid pixel.
+    weight: 4 x (B, N) bilinear weights lambda_ij of Eq. 22, zero for corners outside the image.
+    inside: 4 x (B, N) float 1/0, whether the corner lies in the image (only 'zeros' padding
+      produces 0).
+    tx, ty: (B, N) fractional positions ``x - x0``, ``y - y0`` in pixels.
+    dix, diy: (B, N) d(source pixel coordinate)/d(normalised grid coordinate), torch's
+      ``gix_mult`` times the unnormalisation scale (0 where padding clamps the coordinate).
   """
-  b, n, _ = grid.shape
+  index: list
+  weight: list
+  inside: list
+  tx: jax.Array
+  ty: jax.Array
+  dix: jax.Array
+  diy: jax.Array
+
+
+def corner_weights(grid, height: int, width: int, align_corners: bool,
+                   padding_mode: str) -> Corners:
+  """The `Corners` of every point of ``grid`` (B, N, 2) in an image of size ``height x width``."""
+  b = grid.shape[0]
   ix, dix = _source_index(grid[..., 0], width, align_corners, padding_mode)
   iy, diy = _source_index(grid[..., 1], height, align_corners, padding_mode)
   x0, y0 = jnp.floor(ix), jnp.floor(iy)
   tx, ty = ix - x0, iy - y0
-  x0i, y0i = x0.astype(jnp.int32), y0.astype(jnp.int32)
-  xs = jnp.stack([x0i, x0i + 1, x0i, x0i + 1], axis=-1)
-  ys = jnp.stack([y0i, y0i, y0i + 1, y0i + 1], axis=-1)
-  wx = jnp.stack([1.0 - tx, tx, 1.0 - tx, tx], axis=-1)
-  wy = jnp.stack([1.0 - ty, 1.0 - ty, ty, ty], axis=-1)
-  sx = jnp.array([-1.0, 1.0, -1.0, 1.0], grid.dtype)  # d wx / d ix
-  sy = jnp.array([-1.0, -1.0, 1.0, 1.0], grid.dtype)  # d wy / d iy
-  inside = ((xs >= 0) & (xs <= width - 1) & (ys >= 0) & (ys <= height - 1)).astype(grid.dtype)
-  weight = wx * wy * inside
-  dweight = jnp.stack([sx * wy * inside * dix[..., None], wx * sy * inside * diy[..., None]], -1)
-  flat = (jnp.clip(ys, 0, height - 1) * width + jnp.clip(xs, 0, width - 1)
-          + (jnp.arange(b, dtype=jnp.int32) * (height * width))[:, None, None])
-  return flat, weight, dweight
+  x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
+  base = jnp.arange(b, dtype=jnp.int32)[:, None] * (height * width)
+  index, weight, inside = [], [], []
+  for dy in (0, 1):
+    for dx in (0, 1):
+      xc, yc = x0 + dx, y0 + dy
+      valid = ((xc >= 0) & (xc <= width - 1) & (yc >= 0) & (yc <= height - 1)).astype(tx.dtype)
+      wx = tx if dx else 1.0 - tx
+      wy = ty if dy else 1.0 - ty
+      index.append(base + jnp.clip(yc, 0, height - 1) * width + jnp.clip(xc, 0, width - 1))
+      weight.append(wx * wy * valid)
+      inside.append(valid)
+  return Corners(index, weight, inside, tx, ty, dix, diy)
 
 
-def gather_corners(image, index):
-  """Values of the four corners: (B, H, W, C) image, (B, N, 4) flat index -> (B, N, 4, C)."""
-  return image.reshape(-1, image.shape[-1])[index]
+def interpolate(flat_image, corners: Corners):
+  """Eq. 18: ``sum_k weight_k * U[index_k]``; (B*H*W, C) image -> (B, N, C)."""
+  return sum(w[..., None] * flat_image[i] for i, w in zip(corners.index, corners.weight))
 
 
-def scatter_corners(values, index, image_shape):
-  """Transpose of `gather_corners`: adds (B, N, 4, C) corner values into a (B, H, W, C) image."""
-  c = image_shape[-1]
-  total = jnp.zeros((image_shape[0] * image_shape[1] * image_shape[2], c), values.dtype)
-  total = total.at[index.reshape(-1)].add(values.reshape(-1, c), mode="promise_in_bounds")
+def grid_cotangent(flat_image, corners: Corners, cotangent):
+  """d/dgrid of ``sum(cotangent * interpolate(flat_image, corners))`` (Eq. 24-25; Eq. 27-30).
+
+  This is ``h(I, theta_c)`` of Eq. 15 contracted with the output cotangent; passing the modulated
+  image ``I * I_var`` gives the variance branch ``h(I', theta_c)`` of Eq. 16-17. Written with
+  differences of neighbouring corners, so a flat image gives exactly zero (Eq. 26).
+
+  Args:
+    flat_image: (B*H*W, C) the image whose corner values U_ij enter the gradient.
+    corners: `Corners` of the sample points.
+    cotangent: (B, N, C) d loss / d out (``2 (C_xy - C'_xy)`` in Eq. 20-21).
+  Returns:
+    (B, N, 2) float.
+  """
+  num_channels = flat_image.shape[-1]
+  projected = []  # U_k . cotangent per corner, zero outside the image
+  for index, inside in zip(corners.index, corners.inside):
+    value = flat_image[index]
+    # An explicit sum over the (few) channels: a reduce over a minor axis of size C is ~10x slower
+    # on XLA:CPU (it becomes a library call instead of being fused with the gather).
+    p = value[..., 0] * cotangent[..., 0]
+    for c in range(1, num_channels):
+      p = p + value[..., c] * cotangent[..., c]
+    projected.append(p * inside)
+  p00, p01, p10, p11 = projected
+  tx, ty = corners.tx, corners.ty
+  grad_x = corners.dix * ((1.0 - ty) * (p01 - p00) + ty * (p11 - p10))
+  grad_y = corners.diy * ((1.0 - tx) * (p10 - p00) + tx * (p11 - p01))
+  return jnp.stack([grad_x, grad_y], axis=-1)
+
+
+def image_cotangent(corners: Corners, cotangent, image_shape):
+  """Transpose of `interpolate` w.r.t. the image: scatter-adds ``weight_k * cotangent``.
+
+  Args:
+    corners: `Corners` of the sample points.
+    cotangent: (B, N, C).
+    image_shape: (B, H, W, C).
+  Returns:
+    image_shape float array.
+  """
+  total = jnp.zeros((image_shape[0] * image_shape[1] * image_shape[2], image_shape[3]),
+                    cotangent.dtype)
+  for index, weight in zip(corners.index, corners.weight):
+    total = total.at[index].add(weight[..., None] * cotangent, mode="promise_in_bounds")
   return total.reshape(image_shape)
 
 
-def grid_cotangent(corners, dweight, cotangent):
-  """d/dgrid of ``sum(cotangent * out)`` for corner values ``corners`` (Eq. 24-25, 27-30).
-
-  Args:
-    corners: (B, N, 4, C) corner values U_ij (or U'_ij = U_ij * I_var^ij for the variance branch).
-    dweight: (B, N, 4, 2) from `corner_weights`.
-    cotangent: (B, N, C) d loss / d out.
-  Returns:
-    (B, N, 2).
-  """
-  projected = jnp.einsum("bnkc,bnc->bnk", corners, cotangent)
-  return jnp.einsum("bnk,bnkd->bnd", projected, dweight)
-
-
-def _interpolate(corners, weight):
-  return jnp.einsum("bnkc,bnk->bnc", corners, weight)
+def flatten_image(image):
+  """(B, H, W, C) -> (B*H*W, C), the layout `Corners.index` points into."""
+  return image.reshape(-1, image.shape[-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _grid_sample_flat(image, grid, align_corners, padding_mode):
-  index, weight, _ = corner_weights(grid, image.shape[1], image.shape[2], align_corners,
-                                    padding_mode)
-  return _interpolate(gather_corners(image, index), weight)
+  corners = corner_weights(grid, image.shape[1], image.shape[2], align_corners, padding_mode)
+  return interpolate(flatten_image(image), corners)
 
 
 def _grid_sample_fwd(image, grid, align_corners, padding_mode):
-  index, weight, dweight = corner_weights(grid, image.shape[1], image.shape[2], align_corners,
-                                          padding_mode)
-  corners = gather_corners(image, index)
-  return _interpolate(corners, weight), (corners, index, weight, dweight, image.shape)
+  # Residuals are the inputs only: the corners are cheap to recompute, and storing (B, N, 4, C)
+  # gathered values costs more memory traffic than the gathers themselves.
+  return _grid_sample_flat(image, grid, align_corners, padding_mode), (image, grid)
 
 
 def _grid_sample_bwd(align_corners, padding_mode, residuals, cotangent):
-  del align_corners, padding_mode
-  corners, index, weight, dweight, image_shape = residuals
-  image_ct = scatter_corners(weight[..., None] * cotangent[:, :, None, :], index, image_shape)
-  return image_ct, grid_cotangent(corners, dweight, cotangent).astype(dweight.dtype)
+  image, grid = residuals
+  corners = corner_weights(grid, image.shape[1], image.shape[2], align_corners, padding_mode)
+  return (image_cotangent(corners, cotangent, image.shape),
+          grid_cotangent(flatten_image(image), corners, cotangent))
 
 
 _grid_sample_flat.defvjp(_grid_sample_fwd, _grid_sample_bwd)
@@ -262,7 +301,7 @@ def grid_sample(image, grid, *, align_corners: bool = False, padding_mode: str =
   Returns:
     (B, ..., C), same dtype as ``image``.
   """
-  _check_args(image, grid, padding_mode)
+  check_args(image, grid, padding_mode)
   b, _, _, c = image.shape
   grid_shape = grid.shape[1:-1]
   flat = grid.reshape(b, -1, 2).astype(image.dtype)
