@@ -345,7 +345,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
   start_step = int(state.step)
   history = []
-  t0 = time.time()
+  t0, last_log, last_step = time.time(), time.time(), start_step
   for step in range(start_step, config.num_train_steps):
     local = {k: v for k, v in next(data_iter).items() if k in _TRAIN_KEYS}
     batch = pipeline.global_batch(local, data_sharding)
@@ -356,13 +356,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     history.append(metrics)
     done = step + 1
     if writer is not None and (done % config.log_every == 0 or done == config.num_train_steps):
-      rate = (done - start_step) / max(time.time() - t0, 1e-9)
+      now = time.time()
+      rate = (done - last_step) / max(now - last_log, 1e-9)   # over the last interval
+      last_log, last_step = now, done
       for k, v in metrics.items():
         writer.add_scalar(f"train/{k}", v, done)
       writer.add_scalar("train/steps_per_second", rate, done)
       eta = (config.num_train_steps - done) / max(rate, 1e-9)
-      logging.info("step %d/%d  total %.4f  mask %.4f  tex %.4f  %.2f steps/s  ETA %.0fs", done,
-                   config.num_train_steps, metrics["total"], metrics["mask"], metrics["texture_l1"], rate, eta)
+      logging.info("step %d/%d  total %.4f  mask %.4f  tex %.4f  %.2f steps/s  elapsed %.0fs  ETA %.0fs",
+                   done, config.num_train_steps, metrics["total"], metrics["mask"], metrics["texture_l1"], rate,
+                   now - t0, eta)
     if done % config.checkpoint.every == 0 or done == config.num_train_steps:
       manager.save(done, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),

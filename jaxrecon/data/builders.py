@@ -1,8 +1,8 @@
 """TensorFlow-free tfds builders (array_record files, read back as random-access data sources).
 
 `synthetic_birds` is generated on first use into the tfds data dir (no download). Configs:
-``128`` (default: 5000/500/500 at 128 px, 2 novel views per example), ``256`` (same at 256 px) and
-``tiny`` (24/8/8 at 64 px, for tests). `make_builder` also accepts custom sizes.
+``64`` (the CPU default: 2000/200/200 at 64 px), ``128`` (5000/500/500 at 128 px), ``256`` (same at
+256 px) and ``tiny`` (24/8/8 at 64 px, for tests); validation and test examples carry 2 other views. `make_builder` also accepts custom sizes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from jaxrecon.data import synthetic
 
 _SYNTHETIC_DESCRIPTION = """Procedural mirror-symmetric birds with CUB-like cameras, textured
 backgrounds, SCOPS-like part maps, 15 CUB keypoints, and 3D ground truth (camera, vertices in
-correspondence with jaxrecon's 642-vertex sphere, per-face colours and parts, renders of other views).
+correspondence with jaxrecon's 642-vertex sphere, per-face colours and parts, renders of other views
+on the validation and test splits; all-zero on train).
 Deterministic from the config's seed. See jaxrecon/data/synthetic.py."""
 
 
@@ -47,6 +48,7 @@ class SyntheticBirds(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
   BUILDER_CONFIGS = [
+      SyntheticBirdsConfig(name="64", image_size=64, num_train=2000, num_validation=200, num_test=200),
       SyntheticBirdsConfig(name="128", image_size=128, num_train=5000, num_validation=500, num_test=500),
       SyntheticBirdsConfig(name="256", image_size=256, num_train=5000, num_validation=500, num_test=500),
       SyntheticBirdsConfig(name="tiny", image_size=64, num_train=24, num_validation=8, num_test=8, chunk=8),
@@ -79,7 +81,11 @@ class SyntheticBirds(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str, count: int):
     config = self.builder_config
-    settings = synthetic.RenderSettings(image_size=config.image_size, num_novel_views=config.num_novel_views)
+    # Other views are for evaluation: train examples store empty (all-zero) ones, rendered for free.
+    views = 0 if split == "train" else config.num_novel_views
+    settings = synthetic.RenderSettings(image_size=config.image_size, num_novel_views=views)
+    empty_views = np.zeros((config.num_novel_views, config.image_size, config.image_size, 4), np.uint8)
+    empty_cameras = np.zeros((config.num_novel_views, 7), np.float32)
     for start in range(0, count, config.chunk):
       # Fixed-size chunks keep one compiled renderer; the padding examples are generated and dropped.
       indices = list(range(start, start + config.chunk))
@@ -88,6 +94,8 @@ class SyntheticBirds(tfds.core.GeneratorBasedBuilder):
           break
         example["image"] = _png(example["image"])
         example["mask"] = _png(example["mask"])
+        example.setdefault("novel_views", empty_views)
+        example.setdefault("novel_cameras", empty_cameras)
         yield index, example
 
 
