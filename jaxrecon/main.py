@@ -1,4 +1,4 @@
-"""Entry point: ``python -m jaxrecon.main --config=configs/default.py --workdir=DIR``.
+"""Entry point: ``python -m jaxrecon.main --config=configs/synthetic.py --workdir=DIR``.
 
 Kept tiny on purpose; the work happens in `jaxrecon.train`, which tests and notebooks import.
 """
