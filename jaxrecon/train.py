@@ -134,13 +134,11 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
     backward rule turns into the flow's gradient, needed by the lookahead (Eq. 31). Computed in its
     own pass because differentiating through a renderer VJP again is not supported."""
     image, mask = batch["image"], batch["mask"]
-    pred, _, flow, best, cam = predict(params, batch_stats, image)
-    b = image.shape[0]
+    pred, _, flow, _, cam = predict(params, batch_stats, image)
     colours = sample_colours(image, flow, pred.variance)
     tex_faces = screen_faces(pred.vertices, cam)
     sil = rasterize(tex_faces, None)[..., 3:]
     grad = jax.grad(lambda c: jnp.sum(texture_l1(tex_faces, c, sil, image, mask)[0]))(colours)
-    del b, best
     return jax.lax.stop_gradient(grad)
 
   def loss_fn(params, batch_stats, disc_params, batch, key, colour_grad):
@@ -164,7 +162,7 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
     colours = sample_colours(image, flow, pred.variance)                     # (B, F, T², 3)
     tex_faces = screen_faces(jax.lax.stop_gradient(pred.vertices), cam)
     sil_best = jax.lax.stop_gradient(sil[jnp.arange(b), best])[..., None]
-    terms["texture_l1"], (rgba, aux) = texture_l1(tex_faces, colours, sil_best, image, mask)
+    terms["texture_l1"], (_, aux) = texture_l1(tex_faces, colours, sil_best, image, mask)
     terms["texture_dt"] = losses.texture_dt_loss(batch["barrier"], flow,
                                                  functools.partial(ops.grid_sample, align_corners=True))
     p2f_image = jnp.stack([aux["p2f"][..., 0], -aux["p2f"][..., 1]], -1)    # screen (y up) -> image
@@ -199,7 +197,7 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
     means = {k: jnp.mean(v) for k, v in terms.items()}
     # Zero-weight terms are logged but kept out of the objective (0 * NaN would still poison it).
     total = sum(getattr(w, k) * v for k, v in means.items() if getattr(w, k) != 0)
-    return total + disc_loss, (means, disc_loss, updates["batch_stats"], pred, rgba, sil_best)
+    return total + disc_loss, (means, disc_loss, updates["batch_stats"])
 
   use_lookahead = (config.variance.mode == "adaptive" and w.variance_lookahead > 0)
 
@@ -207,7 +205,7 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
     key = jax.random.fold_in(state.key, state.step)
     colour_grad = colour_gradient(state.params, state.batch_stats, batch) if use_lookahead else None
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)
-    (_, (terms, disc_loss, batch_stats, _, _, _)), (grads, disc_grads) = grad_fn(
+    (_, (terms, disc_loss, batch_stats)), (grads, disc_grads) = grad_fn(
         state.params, state.batch_stats, state.disc_params, batch, key, colour_grad)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     disc_updates, disc_opt_state = disc_tx.update(disc_grads, state.disc_opt_state, state.disc_params)

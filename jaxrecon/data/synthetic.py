@@ -28,9 +28,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from jaxrecon import render
+from jaxrecon.geometry import camera
 from jaxrecon.geometry import mesh as mesh_lib
 
 PART_NAMES = ("background", "head", "neck", "back", "belly")
@@ -278,8 +283,6 @@ class RenderSettings:
 def frame_camera(vertices: np.ndarray, azimuth: float, elevation: float, fill: float,
                  jitter: np.ndarray) -> np.ndarray:
   """The camera for a view, scaled and shifted so the bird's bbox is centred and fills `fill`."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jaxrecon.geometry import camera  # pylint: disable=g-import-not-at-top
   unit = camera_from_angles(azimuth, elevation, 1.0, (0.0, 0.0))
   xy, _ = camera.project(jnp.asarray(vertices, jnp.float32), jnp.asarray(unit, jnp.float32))
   xy = np.asarray(xy)
@@ -297,10 +300,6 @@ def _batch_renderer(image_size: int, supersample: int):
   parts 1-4 (N, F, 1, 4) and cameras (N, 7) to: rgba (N, S, S, 4), soft part coverage (N, S, S, 4),
   the screen depth of each vertex (N, V) and the z-buffer depth (N, S, S) (nearest face's depth).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jaxrecon import render  # pylint: disable=g-import-not-at-top
-  from jaxrecon.geometry import camera  # pylint: disable=g-import-not-at-top
   faces = mesh_lib.symmetric_sphere().faces
   big = image_size * supersample
 
@@ -328,7 +327,6 @@ def _render_batch(vertices, textures, part_textures, cams, image_size, supersamp
 
 def _imperfect_parts(rng, parts, mask):
   """SCOPS-like part probabilities (S, S, 5) from clean coverage (S, S, 4): warped, blurred, noisy."""
-  from scipy import ndimage  # pylint: disable=g-import-not-at-top
   s = parts.shape[0]
   shift = ndimage.zoom(rng.normal(0.0, 0.04 * s, size=(2, 4, 4)), (1, s / 4, s / 4), order=1)
   yy, xx = np.meshgrid(np.arange(s), np.arange(s), indexing="ij")
@@ -381,8 +379,6 @@ def make_examples(seed: int, split: str, indices, settings: RenderSettings):
     image = rgba[first, ..., :3] * alpha[..., None] + background(rng, s) * (1.0 - alpha[..., None])
     keypoints = keypoints_3d(r["bird"], r["vertices"])
     vertex_of_kp = np.argmin(np.linalg.norm(keypoints[:, None] - r["vertices"][None], axis=-1), 1)
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from jaxrecon.geometry import camera  # pylint: disable=g-import-not-at-top
     kp_xy = np.asarray(camera.project(jnp.asarray(keypoints, jnp.float32), jnp.asarray(r["cams"][0]))[0])
     cols = np.clip(np.round((kp_xy[:, 0] + 1) * s / 2 - 0.5), 0, s - 1).astype(int)
     rows = np.clip(np.round((kp_xy[:, 1] + 1) * s / 2 - 0.5), 0, s - 1).astype(int)
