@@ -4,8 +4,8 @@ Command (the README's first command):
   python -m jaxrecon.main --config=configs/synthetic.py --workdir=workdir/synthetic
 
 The dataset (synthetic_birds/64: 2000/200/200 birds at 64 px) is generated on first use. Expected
-result: 150 training steps (about 2-3.5 s each on 2 busy CPU cores, plus ~1.5 min of compilation)
-write TensorBoard logs, checkpoints and metrics.json (mask IoU and texture L1 on the validation split)
+result: generating the data takes ~6 min the first time; 150 training steps (~2 s each on 2 CPU
+cores, plus ~1 min of compilation) write TensorBoard logs, checkpoints and metrics.json (mask IoU and texture L1 on the validation split)
 into the workdir. This is a smoke-sized run: the training issue's quality bar (mask IoU >= 0.85
 within 10 minutes on 2 cores) has not been reached yet. For larger runs use
 --config.data.synthetic_config=128 --config.data.image_size=128 --config.num_train_steps=...
