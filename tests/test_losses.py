@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from jaxrecon import losses
 from jaxrecon.geometry import mesh as mesh_lib
