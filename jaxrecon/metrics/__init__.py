@@ -1,1 +1,2 @@
-"""Floor 2: metrics (FID now; mask IoU, SSIM and keypoint transfer with the evaluation issue)."""
+"""Floor 2: metrics — FID (`fid`), image metrics (`image`: mask IoU, SSIM), 3D shape and camera metrics
+(`shape`), keypoint transfer and PCK (`keypoints`). Pure functions over arrays; each states its protocol."""
