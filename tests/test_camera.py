@@ -113,3 +113,16 @@ def test_projection_gradients_finite(quat):
   points = jnp.array([[0.0, 0.0, 1.0], [0.0, 0.0, -1.0], [0.0, 0.0, 0.0]])  # poles and centre
   g_cam, g_pts = jax.grad(lambda c, p: jnp.sum(camera.project(p, c)[0] ** 2), argnums=(0, 1))(cam, points)
   assert np.all(np.isfinite(g_cam)) and np.all(np.isfinite(g_pts))
+
+
+def test_view_quaternions_match_the_synthetic_cameras():
+  from jaxrecon.data import synthetic  # pylint: disable=g-import-not-at-top
+  azimuths, elevation = np.array([0.0, 45.0, 180.0, 270.0]), 12.0
+  q = np.asarray(camera.view_quaternions(azimuths, elevation))
+  for a, qa in zip(azimuths, q):
+    expected = synthetic.camera_from_angles(a, elevation, 1.0, (0.0, 0.0))[3:]
+    np.testing.assert_allclose(np.abs(qa @ expected), 1.0, atol=1e-6)   # same rotation (q ~ -q)
+  # The side view: the object's up axis points up in the image (image y is down).
+  side = camera.view_quaternions(np.zeros(1))[0]
+  xy, _ = camera.project(jnp.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]), jnp.concatenate([jnp.array([1.0, 0, 0]), side]))
+  np.testing.assert_allclose(np.asarray(xy), [[0.0, -1.0], [1.0, 0.0]], atol=1e-6)

@@ -73,6 +73,20 @@ def quat_to_matrix(q):
   ], axis=-2)
 
 
+def view_quaternions(azimuths_deg, elevation_deg=0.0):
+  """Camera rotations of views around the object, in the house frame (x forward, y left, z up).
+
+  Azimuth 0 is the canonical side view: object x → image right, z → image up, its right side (−y)
+  facing the camera. The object turns by `azimuth` about its up axis, then the camera rises by
+  `elevation` (its back shows). (N,) degrees -> (N, 4) quaternions [w, x, y, z].
+  """
+  az = jnp.deg2rad(jnp.asarray(azimuths_deg, jnp.float32))
+  side = quat_from_axis_angle(jnp.array([1.0, 0.0, 0.0]), jnp.pi / 2)      # z up -> image up
+  tilt = quat_from_axis_angle(jnp.array([1.0, 0.0, 0.0]), jnp.deg2rad(jnp.float32(elevation_deg)))
+  turn = quat_from_axis_angle(jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0]), az.shape + (3,)), az)
+  return quat_multiply(quat_multiply(tilt, side), turn)
+
+
 def quat_rotate(q, points):
   """Rotate points by q: (..., 4), (..., N, 3) -> (..., N, 3)."""
   return jnp.einsum("...ij,...nj->...ni", quat_to_matrix(q), points)

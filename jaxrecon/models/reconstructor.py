@@ -97,20 +97,26 @@ class ShapeDecoder(nn.Module):
 class CameraMultiplex(nn.Module):
   """D_cam: H weak-perspective hypotheses and their probabilities (umr.md §1.4).
 
-  Each hypothesis: scale ``relu(fc + 1) + 1e-12``, translation, a unit quaternion whose bias starts
-  at the identity, and a logit; probabilities are the softmax of the logits.
+  Each hypothesis: scale ``relu(fc + 1) + 1e-12``, translation, a unit quaternion and a logit;
+  probabilities are the softmax of the logits. The quaternion biases start at `initial_quaternions`
+  ((H, 4) as nested tuples, e.g. `camera.view_quaternions` of H azimuths) or, when None, all at the
+  identity as UMR.
   """
   num_hypotheses: int = 8
   width: int = 200
+  initial_quaternions: tuple | None = None
 
   @nn.compact
   def __call__(self, feature, train: bool):
     trunk = FCStack(self.width, 2, use_bn=False, slope=0.1, name="trunk")(feature, train)
     cams, logits = [], []
-    identity = lambda *_: jnp.array([1.0, 0.0, 0.0, 0.0])
+    starts = self.initial_quaternions or ((1.0, 0.0, 0.0, 0.0),) * self.num_hypotheses
+    if len(starts) != self.num_hypotheses:
+      raise ValueError(f"{len(starts)} initial quaternions for {self.num_hypotheses} hypotheses")
     for h in range(self.num_hypotheses):
       x = FCStack(self.width, 2, name=f"hypothesis_{h}")(trunk, train)
-      quat = nn.Dense(4, kernel_init=_normal_init(0.02), bias_init=identity, name=f"quat_{h}")(x)
+      start = lambda *_, q=starts[h]: jnp.array(q, jnp.float32)
+      quat = nn.Dense(4, kernel_init=_normal_init(0.02), bias_init=start, name=f"quat_{h}")(x)
       scale = nn.relu(nn.Dense(1, kernel_init=_normal_init(0.02), name=f"scale_{h}")(x) + 1.0) + 1e-12
       trans = nn.Dense(2, kernel_init=_normal_init(0.02), name=f"trans_{h}")(x)
       logits.append(nn.Dense(1, kernel_init=_normal_init(0.02), name=f"logit_{h}")(x))
@@ -184,6 +190,7 @@ class Reconstructor(nn.Module):
   variance_base_channels: int = 64
   variance_stages: int = 3
   num_side: int = 305                      # mirrored vertices (mesh.SymmetricMesh.num_side)
+  initial_quaternions: tuple | None = None  # D_cam's starting rotations (CameraMultiplex)
 
   @nn.compact
   def __call__(self, images, train: bool = False) -> Prediction:
@@ -192,7 +199,8 @@ class Reconstructor(nn.Module):
     template = jnp.asarray(np.asarray(self.template_half), jnp.float32)
     offsets = ShapeDecoder(template.shape[0], name="shape")(feature)
     vertices = mesh_lib.symmetrize(template + offsets, self.num_side)
-    hypotheses, probs = CameraMultiplex(self.num_hypotheses, self.camera_width, name="camera")(feature, train)
+    hypotheses, probs = CameraMultiplex(self.num_hypotheses, self.camera_width, self.initial_quaternions,
+                                        name="camera")(feature, train)
     flow = UpConvDecoder((4, 8), self.flow_base_channels, self.flow_stages, 2, name="flow")(feature, train)
     variance = None
     if self.use_variance:
