@@ -13,6 +13,6 @@ from configs import synthetic
 def get_config():
   config = synthetic.get_config()
   config.job = "preview"
-  config.preview = dict(num_views=4, scale=0.7, elevation_degrees=20.0)
+  config.preview = {"num_views": 4, "scale": 0.7, "elevation_degrees": 20.0}
   config.render.image_size = 128
   return config

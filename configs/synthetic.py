@@ -21,6 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 16
   config.num_train_steps = 150
   config.log_every = 20
+  config.log_images_every = 50          # reconstruction grids to TensorBoard and <workdir>/images/
+  config.log_images_count = 4
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 50
@@ -29,7 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.dataset = "synthetic"
   config.data.synthetic_config = "64"
-  config.data.overrides = ml_collections.ConfigDict()   # e.g. num_train=...: a custom-sized variant
+  # A custom-sized variant of the named synthetic config (None = the named config's value).
+  config.data.overrides = ml_collections.ConfigDict(
+      {k: ml_collections.config_dict.placeholder(int)
+       for k in ("num_train", "num_validation", "num_test", "num_novel_views", "seed")})
   config.data.data_dir = ml_collections.FieldReference(None, field_type=str)
   config.data.image_size = 64
 
@@ -46,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.resnet_widths = (32, 64, 128, 256)
   config.model.num_hypotheses = 4
   config.model.camera_width = 128
+  config.model.camera_init = "azimuths"  # 'identity' = UMR (docs/architecture.md)
   config.model.flow_base_channels = 64
   config.model.flow_stages = 4          # UV flow 64x128 (UMR: 5 stages, 128x256)
   config.model.variance_base_channels = 32
@@ -57,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.render = ml_collections.ConfigDict()
   config.render.sigma = 1e-5
   config.render.gamma = 1e-4
+  config.render.dist_eps = 1e-4         # SoftRas's default; its 64-px reconstruction example uses 1e-10
   config.render.depth_offset = 5.0      # UMR's orthographic offset_z
 
   # The paper's variance branch (§3.2): 'none' (UMR), 'paper' (Eq. 11) or 'adaptive' (Eq. 16-17).
@@ -74,9 +81,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss_weights.camera_entropy = 0.05
   config.loss_weights.texture_l1 = 3.0
   config.loss_weights.texture_dt = 3.0
+  config.loss_weights.texture_perceptual = 0.0   # needs config.weights.perceptual (UMR: 3.0)
+  config.loss_weights.fid = 0.0         # needs config.weights.inception (Eq. 42-47)
   config.loss_weights.texture_cycle = 1.0
   config.loss_weights.variance_lookahead = 1.0
   config.loss_weights.gan = 0.1
+
+  # Converted pretrained weights (python -m jaxrecon.tools.convert_weights); nothing is downloaded.
+  # Unset: the encoder starts from random init, and a perceptual/FID term with a positive weight is
+  # turned off with a logged warning.
+  config.weights = ml_collections.ConfigDict()
+  config.weights.resnet18 = ml_collections.config_dict.placeholder(str)
+  config.weights.perceptual = ml_collections.config_dict.placeholder(str)
+  config.weights.perceptual_net = "alexnet"   # 'alexnet' (UMR) or 'vgg16'
+  config.weights.inception = ml_collections.config_dict.placeholder(str)
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1e-4
@@ -85,5 +103,6 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.split = "validation"
+  config.eval.splits = ("validation", "test")   # evaluated at the end of training
   config.eval.max_batches = 0           # 0 = the whole split
   return config

@@ -14,6 +14,7 @@ def get_config():
   config.batch_size = 8
   config.num_train_steps = 3
   config.log_every = 1
+  config.log_images_every = 3
   config.checkpoint.every = 2
   config.data.synthetic_config = "tiny"
   config.data.image_size = 64

@@ -5,12 +5,18 @@ import os
 import subprocess
 import sys
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import test as test_config
 from jaxrecon import train
+from jaxrecon.data import synthetic
+from jaxrecon.geometry import mesh as mesh_lib
+from jaxrecon.models import reconstructor, weights
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +44,16 @@ def straight_run(data_dir, tmp_path_factory):
 def test_outputs(straight_run):
   workdir, results = straight_run
   assert len(results["train_history"]) == 3
-  assert 0.0 <= results["eval/mask_iou"] <= 1.0
+  for split in ("validation", "test"):
+    assert 0.0 <= results[f"eval/{split}/mask_iou"] <= 1.0
+    assert -1.0 <= results[f"eval/{split}/ssim"] <= 1.0
   with open(os.path.join(workdir, "metrics.json")) as f:
     assert json.load(f)["step"] == 3
   assert os.listdir(os.path.join(workdir, "tensorboard"))
+  # The reconstruction grid: 4 rows of input | render | silhouettes | 2 novel views | UV (2 wide) | variance.
+  grid = np.asarray(Image.open(os.path.join(workdir, "images", "step_000003.png")))
+  assert grid.shape == (4 * 64, 8 * 64, 3)
+  assert grid[:, :64].std() > 0 and grid[:, 64:128].std() > 0   # the input and the render are not blank
   history = results["train_history"][0]
   for term in ("mask", "laplacian", "flatten", "deform", "texture_l1", "texture_dt", "texture_cycle",
                "camera_entropy", "variance_lookahead", "gan", "discriminator", "grad_norm"):
@@ -109,3 +121,84 @@ def test_one_device_matches_eight(straight_run, one_device_run):
 def test_loss_decreases(one_device_run):
   losses = one_device_run[:, 0]
   assert losses[-10:].mean() < 0.9 * losses[:5].mean(), losses
+
+
+def _random_weights(path, model: str) -> str:
+  """A converted-weights file of `model` with random values (tests never download weights)."""
+  spec = weights.SPECS[model]
+  variables = spec.make_module().init(jax.random.key(1), jnp.zeros(spec.input_shape, jnp.float32))
+  flat = {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(variables, sep="/").items()}
+  weights.save_npz(str(path), flat, {"model": model})
+  return str(path)
+
+
+def test_feature_terms_without_weights_are_off_with_a_warning(caplog):
+  config = test_config.get_config()
+  config.loss_weights.texture_perceptual = 3.0
+  config.loss_weights.fid = 0.1
+  with caplog.at_level("WARNING"):
+    assert train.load_frozen_networks(config) == {}
+  assert train.frozen_terms(config) == {}
+  text = caplog.text
+  assert "texture_perceptual=3.0 but config.weights.perceptual is not set" in text
+  assert "fid=0.1 but config.weights.inception is not set" in text
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+  config = test_config.get_config()
+  config.loss_weights.fid = 0.1
+  config.weights.inception = str(tmp_path / "nope.npz")
+  with pytest.raises(FileNotFoundError, match="(?s)nope.npz not found.*convert_weights --model fid_inception"):
+    train.load_frozen_networks(config)
+
+
+def test_encoder_from_resnet18(tmp_path):
+  path = _random_weights(tmp_path / "resnet18.npz", "resnet18")
+  config = test_config.get_config()
+  config.weights.resnet18 = path
+  sphere = mesh_lib.symmetric_sphere()
+  small = train.make_model(config, sphere).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+  with pytest.raises(ValueError, match="resnet_widths=.*need \\(64, 128, 256, 512\\)"):
+    train.init_encoder_from_resnet18(config, small["params"], small["batch_stats"])
+  config.model.resnet_widths = (64, 128, 256, 512)
+  full = train.make_model(config, sphere).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+  params, batch_stats = train.init_encoder_from_resnet18(config, full["params"], full["batch_stats"])
+  loaded = weights.load_variables(path, "resnet18")
+  chex_equal = lambda a, b: jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b))
+  assert chex_equal(params["encoder"]["resnet"], loaded["params"])
+  assert chex_equal(batch_stats["encoder"]["resnet"], loaded["batch_stats"])
+  assert chex_equal(params["shape"], full["params"]["shape"])      # the rest is untouched
+
+
+@pytest.mark.slow
+def test_perceptual_and_fid_terms_train(tmp_path):
+  """With (random) converted AlexNet and Inception weights both terms enter the step, finite, and
+  their gradients reach the network."""
+  config = test_config.get_config()
+  config.loss_weights.texture_perceptual = 3.0
+  config.loss_weights.fid = 0.1
+  config.loss_weights.gan = 0.0
+  config.loss_weights.variance_lookahead = 0.0
+  config.weights.perceptual = _random_weights(tmp_path / "alexnet.npz", "alexnet")
+  config.weights.inception = _random_weights(tmp_path / "inception.npz", "fid_inception")
+  frozen = train.load_frozen_networks(config)
+  assert set(frozen) == {"texture_perceptual", "fid"}
+  sphere = mesh_lib.symmetric_sphere()
+  model = train.make_model(config, sphere)
+  disc = reconstructor.Discriminator(config.model.disc_channels, config.model.disc_layers)
+  tx = disc_tx = train.optax.adam(1e-3)
+  state = train.create_state(config, model, disc, tx, disc_tx, (1, 64, 64, 3))
+  examples = synthetic.make_examples(0, "train", range(4), synthetic.RenderSettings(image_size=64))
+  batch = {k: jnp.asarray(np.stack([e[k] for e in examples]), jnp.float32) / 255 for k in ("image", "mask")}
+  batch["barrier"] = jnp.stack([train.AddBarrier().map({"mask": np.asarray(m)})["barrier"] for m in batch["mask"]])
+  _, loss_fn = train.make_train_step(config, model, disc, sphere, tx, disc_tx)
+  grad_fn = jax.jit(jax.grad(lambda p: loss_fn(p, state.batch_stats, state.disc_params, batch,
+                                               jax.random.key(0), None, frozen)[1][0]["fid"]))
+  _, (terms, _, _) = jax.jit(loss_fn)(state.params, state.batch_stats, state.disc_params, batch,
+                                     jax.random.key(0), None, frozen)
+  assert np.isfinite(terms["texture_perceptual"]) and terms["texture_perceptual"] > 0
+  assert np.isfinite(terms["fid"]) and terms["fid"] > 0
+  grads = grad_fn(state.params)
+  norms = {k: float(train.optax.global_norm(v)) for k, v in grads.items()}
+  assert all(np.isfinite(list(norms.values()))), norms
+  assert norms["shape"] > 0 and norms["flow"] > 0, norms     # FID moves shape and texture (§3.3)

@@ -60,7 +60,8 @@ class Loader:
 
 
 def make_loader(source, *, batch_size: int, image_size: int, seed: int, shuffle: bool = True,
-                num_epochs: int | None = None, worker_count: int = 0, preprocess=()) -> Loader:
+                num_epochs: int | None = None, worker_count: int = 0, preprocess=(),
+                drop_remainder: bool = True) -> Loader:
   """A grain loader over a random-access `source` (e.g. a tfds data source).
 
   Args:
@@ -70,6 +71,8 @@ def make_loader(source, *, batch_size: int, image_size: int, seed: int, shuffle:
     seed: shuffle seed.
     num_epochs: None repeats forever.
     preprocess: grain transforms applied to each raw record first (e.g. `cub.CubPreprocess`).
+    drop_remainder: training keeps batch shapes fixed (the few records of an incomplete last batch
+      come again in the next epoch); evaluation passes False so that every record is seen.
   """
   processes = jax.process_count()
   if batch_size % processes:
@@ -79,7 +82,7 @@ def make_loader(source, *, batch_size: int, image_size: int, seed: int, shuffle:
   sampler = grain.IndexSampler(
       num_records=len(source), shard_options=grain.ShardByJaxProcess(drop_remainder=True),
       shuffle=shuffle, num_epochs=num_epochs, seed=seed)
-  operations = [*preprocess, DecodeExample(image_size), grain.Batch(batch_size // processes, drop_remainder=True)]
+  operations = [*preprocess, DecodeExample(image_size), grain.Batch(batch_size // processes, drop_remainder=drop_remainder)]
   loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                             worker_count=worker_count)
   logging.info("Data: %d records, global batch %d over %d process(es)", len(source), batch_size, processes)
