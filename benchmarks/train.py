@@ -172,9 +172,12 @@ def main():
   rows.append(("full step", full, nbytes))
   variants = {
       "without the variance lookahead": {"loss_weights.variance_lookahead": 0.0},
-      "without the GAN": {"loss_weights.gan": 0.0},
       "without the variance branch (UMR)": {"variance.mode": "none", "loss_weights.variance_lookahead": 0.0},
   }
+  if config.loss_weights.gan > 0:
+    variants["without the GAN"] = {"loss_weights.gan": 0.0}
+  else:
+    variants["with the GAN (weight 0.1)"] = {"loss_weights.gan": 0.1}
   for name, changes in variants.items():
     t, m, _ = step_time(variant(config, **changes), batch, args.repeats)
     rows.append((name, t, m))

@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.resnet_widths = (64, 128, 256, 512)
   config.model.num_hypotheses = 8
   config.model.camera_width = 200
+  config.model.camera_init = "identity"      # UMR's
   config.model.flow_base_channels = 256
   config.model.flow_stages = 5                 # UV flow 128x256
   config.model.variance_base_channels = 64
@@ -53,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.render.sigma = 1e-5
   config.render.gamma = 1e-4
+  config.render.dist_eps = 1e-4
 
   config.variance.mode = "adaptive"
   config.variance.combine = "add"
