@@ -41,6 +41,7 @@ from jaxrecon.geometry import camera
 from jaxrecon.geometry import mesh as mesh_lib
 from jaxrecon.metrics import fid
 from jaxrecon.metrics import image as image_metrics
+from jaxrecon.metrics import shape as shape_metrics
 from jaxrecon.models import inception, perceptual, reconstructor
 from jaxrecon.models import weights as weights_lib
 
@@ -345,6 +346,11 @@ def make_eval_step(config, model, sphere):
     mask_iou     soft IoU of the rendered silhouette vs the ground-truth mask (`metrics.image.mask_iou`)
     ssim         SSIM of the render (black background) vs image × mask (`metrics.image.ssim`, σ=1.5)
     texture_l1   mean |render·silhouette − image·mask| (Eq. 10)
+  and, where the data has 3D ground truth (synthetic: `camera`, `vertices`):
+    camera_error_deg   geodesic angle between the predicted and true camera rotations
+    chamfer_3d         `metrics.shape.chamfer_distance` (squared) between predicted and true
+                       vertices, each in its own camera's view frame, centred, unit RMS radius
+                       (`metrics.shape.align_to_camera_frame`)
   """
   uv_sampler = jnp.asarray(sphere.uv_sampler(config.mesh.texels_per_edge, config.mesh.symmetric_uv))
   rasterize = make_rasterizer(config)
@@ -366,6 +372,11 @@ def make_eval_step(config, model, sphere):
         "ssim": image_metrics.ssim(rgba[..., :3] * rgba[..., 3:], image, mask),
         "texture_l1": losses.masked_l1(rgba[..., :3], rgba[..., 3:], image, mask),
     }
+    if "camera" in batch and "vertices" in batch:
+      metrics["camera_error_deg"] = shape_metrics.rotation_error_degrees(cam[:, 3:], batch["camera"][:, 3:])
+      metrics["chamfer_3d"] = shape_metrics.chamfer_distance(
+          shape_metrics.align_to_camera_frame(pred.vertices, cam),
+          shape_metrics.align_to_camera_frame(batch["vertices"], batch["camera"]))
     outputs = {"render": rgba, "cam": cam, "colours": colours, "pred": pred}
     return metrics, outputs
 
@@ -588,7 +599,8 @@ def evaluate(config, model, sphere, state, writer=None, split: str | None = None
   for i, batch in enumerate(loader):
     if config.eval.max_batches and i >= config.eval.max_batches:
       break
-    out, _ = eval_step(state.params, state.batch_stats, {k: jnp.asarray(batch[k]) for k in ("image", "mask")})
+    keys = [k for k in ("image", "mask", "camera", "vertices") if k in batch]
+    out, _ = eval_step(state.params, state.batch_stats, {k: jnp.asarray(batch[k]) for k in keys})
     for k, v in out.items():
       values.setdefault(k, []).append(np.asarray(v))
   per_image = {k: np.concatenate(v) for k, v in values.items()}
