@@ -56,6 +56,28 @@ def test_eyes_are_small_dark_details():
   assert 0 < dark.sum() < 0.01 * dark.size  # present, but only a few texels
 
 
+def test_texel_points_are_the_exact_barycentric_sums():
+  # Bit for bit the plain einsum: mirrored vertices cancel to exact zeros there, and the spots' hash
+  # lattice would put a ±1e-19 (say, from a BLAS matmul's fused multiply-adds) in another cell.
+  sphere = mesh_lib.symmetric_sphere()
+  v = syn.bird_vertices(syn.sample_bird(np.random.default_rng(2)), sphere)
+  expected = np.einsum("tk,fkd->ftd", mesh_lib.texel_barycentrics(6), v[sphere.faces])
+  np.testing.assert_array_equal(syn.texel_points(v, sphere.faces, 6), expected)
+
+
+def test_surface_colour_is_pointwise():
+  # Computed in blocks of points: any subset gets the same colours as within the whole set.
+  sphere = mesh_lib.symmetric_sphere()
+  bird = syn.sample_bird(np.random.default_rng(6))
+  points = syn.texel_points(syn.bird_vertices(bird, sphere), sphere.faces, 6).reshape(-1, 3)
+  assert len(points) > 2 * syn._BLOCK  # pylint: disable=protected-access
+  subset = np.random.default_rng(7).choice(len(points), 1000, replace=False)
+  np.testing.assert_array_equal(syn.surface_colour(bird, points)[subset],
+                                syn.surface_colour(bird, points[subset]))
+  labels = syn.part_labels(bird, points[subset[:50]])
+  np.testing.assert_array_equal(labels, [syn.part_labels(bird, p[None])[0] for p in points[subset[:50]]])
+
+
 def test_examples_are_deterministic(examples):
   again = syn.make_examples(0, "validation", [2], syn.RenderSettings(image_size=48, num_novel_views=2))[0]
   for key, value in again.items():

