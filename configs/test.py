@@ -31,5 +31,6 @@ def get_config():
   config.model.disc_channels = 4
   config.model.disc_layers = 3
   config.optim.learning_rate = 1e-3
+  config.loss_weights.gan = 0.1     # off in the CPU default; on here so the tests cover the GAN path
   config.eval.max_batches = 1
   return config
