@@ -40,7 +40,6 @@ from jaxrecon import (
   train,  # pylint: disable=g-import-not-at-top
 )
 from jaxrecon.data import synthetic  # pylint: disable=g-import-not-at-top
-from jaxrecon.geometry import camera  # pylint: disable=g-import-not-at-top
 from jaxrecon.geometry import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
 from jaxrecon.models import reconstructor  # pylint: disable=g-import-not-at-top
 
@@ -94,7 +93,6 @@ def component_times(config, batch, model, sphere, state, repeats):
   """Forward + backward of the step's networks, renderer calls and sampler calls, each alone."""
   b, s = batch["image"].shape[:2]
   h = config.model.num_hypotheses
-  r = config.render
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   pred = model.apply(variables, batch["image"], train=False)
 
@@ -106,8 +104,7 @@ def component_times(config, batch, model, sphere, state, repeats):
 
   rasterize = train.make_rasterizer(config)
   faces = sphere.faces
-  screen = lambda v, c: mesh_lib.face_vertices(
-      jax.vmap(lambda vv, cc: camera.project_to_screen(vv, cc, r.depth_offset))(v, c), faces)
+  screen = train.make_screen_faces(config, faces)
   t = config.mesh.texels_per_edge
   colours = jnp.full((b, faces.shape[0], t * t, 3), 0.5)
   use_lookahead = config.variance.mode == "adaptive" and config.loss_weights.variance_lookahead > 0

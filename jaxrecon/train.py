@@ -102,11 +102,23 @@ def learning_rate(config):
   return lambda step: config.optim.learning_rate / (1.0 + config.optim.decay * step)
 
 
-def random_novel_cameras(key, cams):
-  """Eq. 36: rotate each camera about the object's vertical image axis by U(0°, 360°). (B, 7)."""
-  angle = jax.random.uniform(key, cams.shape[:1], minval=0.0, maxval=2 * jnp.pi)
+def make_screen_faces(config, faces):
+  """(B, V, 3) vertices, (B, 7) cameras -> (B, F, 3, 3) screen-space faces for the rasterizer."""
+  def screen_faces(vertices, cams):
+    screen = jax.vmap(lambda v, c: camera.project_to_screen(v, c, config.render.depth_offset))(vertices, cams)
+    return mesh_lib.face_vertices(screen, faces)
+  return screen_faces
+
+
+def turn_cameras(cams, angle):
+  """Rotate each camera about the image's vertical axis by `angle` radians: (B, 7), (B,) -> (B, 7)."""
   turn = camera.quat_from_axis_angle(jnp.array([0.0, 1.0, 0.0]), angle)
   return cams.at[:, 3:].set(camera.quat_multiply(turn, cams[:, 3:]))
+
+
+def random_novel_cameras(key, cams):
+  """Eq. 36: rotate each camera about the object's vertical image axis by U(0°, 360°). (B, 7)."""
+  return turn_cameras(cams, jax.random.uniform(key, cams.shape[:1], minval=0.0, maxval=2 * jnp.pi))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,15 +196,11 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
   laplacian = jnp.asarray(sphere.laplacian)
   edge_quads = sphere.edge_quads
   w = config.loss_weights
-  r = config.render
   s = config.data.image_size
   on = frozen_terms(config)
   rasterize = make_rasterizer(config)
 
-  def screen_faces(vertices, cams):
-    """(B, V, 3), (B, 7) -> (B, F, 3, 3) screen-space faces."""
-    screen = jax.vmap(lambda v, c: camera.project_to_screen(v, c, r.depth_offset))(vertices, cams)
-    return mesh_lib.face_vertices(screen, faces)
+  screen_faces = make_screen_faces(config, faces)
 
   def sample_colours(image, flow, variance):
     if config.variance.mode == "none" or variance is None:
@@ -355,9 +363,7 @@ def make_eval_step(config, model, sphere):
   uv_sampler = jnp.asarray(sphere.uv_sampler(config.mesh.texels_per_edge, config.mesh.symmetric_uv))
   rasterize = make_rasterizer(config)
 
-  def screen_faces(vertices, cams):
-    screen = jax.vmap(lambda v, c: camera.project_to_screen(v, c, config.render.depth_offset))(vertices, cams)
-    return mesh_lib.face_vertices(screen, sphere.faces)
+  screen_faces = make_screen_faces(config, sphere.faces)
 
   def eval_step(params, batch_stats, batch):
     image, mask = batch["image"], batch["mask"]
@@ -384,14 +390,17 @@ def make_eval_step(config, model, sphere):
 
 
 def make_visualise(config, model, sphere, num_novel: int = 2):
-  """(params, batch_stats, image, mask) -> an image grid (n·S, 7·S... , 3) in [0, 1], one row per image:
+  """(params, batch_stats, image, mask) -> an image grid (n·S, (6 + num_novel)·S, 3) in [0, 1], one
+  row per image:
 
   input | render from the predicted camera | silhouette (red) over the mask (green) | `num_novel` novel
-  views (azimuth +90°, +180°, ...) | the UV texture (the input sampled by the UV flow; 2S wide) | variance.
+  views, evenly spaced turns (+120°, +240° for two) | the UV texture (the input sampled by the UV flow;
+  2S wide) | variance.
   """
   s = config.data.image_size
   eval_step = make_eval_step(config, model, sphere)
   rasterize = make_rasterizer(config)
+  screen_faces = make_screen_faces(config, sphere.faces)
 
   @jax.jit
   def panels(params, batch_stats, image, mask):
@@ -399,10 +408,8 @@ def make_visualise(config, model, sphere, num_novel: int = 2):
     pred, cam, b = out["pred"], out["cam"], image.shape[0]
     views = []
     for k in range(num_novel):
-      turn = camera.quat_from_axis_angle(jnp.array([0.0, 1.0, 0.0]), jnp.full((b,), 2 * jnp.pi * (k + 1) / (num_novel + 1)))
-      novel_cam = cam.at[:, 3:].set(camera.quat_multiply(turn, cam[:, 3:]))
-      screen = jax.vmap(lambda v, c: camera.project_to_screen(v, c, config.render.depth_offset))(pred.vertices, novel_cam)
-      rgba = rasterize(mesh_lib.face_vertices(screen, sphere.faces), out["colours"])
+      novel_cam = turn_cameras(cam, jnp.full((b,), 2 * jnp.pi * (k + 1) / (num_novel + 1)))
+      rgba = rasterize(screen_faces(pred.vertices, novel_cam), out["colours"])
       views.append(rgba[..., :3] * rgba[..., 3:])
     uv_texture = ops.grid_sample(image, pred.uv_flow, align_corners=True)
     uv_texture = jax.image.resize(uv_texture, (b, s, 2 * s, 3), "bilinear")
@@ -566,8 +573,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager.wait_until_finished()
 
   results = {}
+  eval_step = jax.jit(make_eval_step(config, model, sphere))     # compiled once for every split
   for split in config.eval.get("splits", (config.eval.split,)):
-    results.update(evaluate(config, model, sphere, state, writer, split=split))
+    results.update(evaluate(config, model, sphere, state, writer, split=split, eval_step=eval_step))
   results["train_history"] = history
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
@@ -589,11 +597,12 @@ def _log_images(visualise, state, local_batch, writer, workdir, step, count):
   Image.fromarray(np.round(grid * 255).astype(np.uint8)).save(os.path.join(workdir, "images", f"step_{step:06d}.png"))
 
 
-def evaluate(config, model, sphere, state, writer=None, split: str | None = None) -> dict:
+def evaluate(config, model, sphere, state, writer=None, split: str | None = None, eval_step=None) -> dict:
   """Mask IoU, SSIM and texture L1 over every image of `split` (default `config.eval.split`), with the
-  protocol of `make_eval_step`. Keys: 'eval/<split>/<metric>' (means), the image count and the step."""
+  protocol of `make_eval_step` (pass a jitted `eval_step` to reuse one compilation across splits).
+  Keys: 'eval/<split>/<metric>' (means), the image count and the step."""
   split = split or config.eval.split
-  eval_step = jax.jit(make_eval_step(config, model, sphere))
+  eval_step = eval_step or jax.jit(make_eval_step(config, model, sphere))
   loader = _data(config, split, shuffle=False, num_epochs=1, drop_remainder=False)
   values = {}
   for i, batch in enumerate(loader):
