@@ -35,10 +35,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from jaxrecon import (
-  ops,  # pylint: disable=g-import-not-at-top
-  train,  # pylint: disable=g-import-not-at-top
-)
+from jaxrecon import components, ops, train  # pylint: disable=g-import-not-at-top
 from jaxrecon.data import synthetic  # pylint: disable=g-import-not-at-top
 from jaxrecon.geometry import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
 from jaxrecon.models import reconstructor  # pylint: disable=g-import-not-at-top
@@ -70,14 +67,14 @@ def make_batch(config):
   examples = synthetic.make_examples(1, "train", range(config.batch_size), settings)
   stack = lambda k: np.stack([e[k] for e in examples]).astype(np.float32) / 255.0
   batch = {"image": stack("image"), "mask": stack("mask")}
-  batch["barrier"] = np.stack([train.AddBarrier().map({"mask": m})["barrier"] for m in batch["mask"]])
+  batch["barrier"] = np.stack([components.AddBarrier().map({"mask": m})["barrier"] for m in batch["mask"]])
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
 def step_time(config, batch, repeats):
   """Median seconds of the compiled full step, and its XLA memory in bytes."""
   sphere = mesh_lib.symmetric_sphere(config.mesh.subdivisions)
-  model = train.make_model(config, sphere)
+  model = components.make_model(config, sphere)
   disc = reconstructor.Discriminator(config.model.disc_channels, config.model.disc_layers)
   tx, disc_tx = optax.adam(1e-4), optax.adam(1e-4)
   s = config.data.image_size
@@ -102,9 +99,9 @@ def component_times(config, batch, model, sphere, state, repeats):
     leaves = [x for x in jax.tree.leaves(out) if x is not None]
     return sum(jnp.sum(jnp.sin(x)) for x in leaves)
 
-  rasterize = train.make_rasterizer(config)
+  rasterize = components.make_rasterizer(config)
   faces = sphere.faces
-  screen = train.make_screen_faces(config, faces)
+  screen = components.make_screen_faces(config, faces)
   t = config.mesh.texels_per_edge
   colours = jnp.full((b, faces.shape[0], t * t, 3), 0.5)
   use_lookahead = config.variance.mode == "adaptive" and config.loss_weights.variance_lookahead > 0

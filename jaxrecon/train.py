@@ -26,7 +26,6 @@ from typing import Any
 
 import flax
 import flax.struct
-import grain.python as grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,13 +34,10 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from jaxrecon import losses, ops, render
-from jaxrecon.data import builders, cub, pipeline
-from jaxrecon.geometry import camera
+from jaxrecon import components, evaluation, losses, ops
+from jaxrecon.data import pipeline
 from jaxrecon.geometry import mesh as mesh_lib
 from jaxrecon.metrics import fid
-from jaxrecon.metrics import image as image_metrics
-from jaxrecon.metrics import shape as shape_metrics
 from jaxrecon.models import inception, perceptual, reconstructor
 from jaxrecon.models import weights as weights_lib
 
@@ -59,66 +55,9 @@ class TrainState:
   key: Array
 
 
-# ----------------------------------------------------------------------------------------------
-# Model pieces that depend on the config
-# ----------------------------------------------------------------------------------------------
-
-
-def initial_camera_quaternions(config) -> tuple | None:
-  """D_cam's starting rotations: `config.model.camera_init` = 'identity' (UMR: every hypothesis at
-  the identity, a view from above in the house frame) or 'azimuths' (H side views evenly spaced in
-  azimuth about the up axis: the hypotheses start apart and in the views CUB-like photos have)."""
-  init, h = config.model.get("camera_init", "identity"), config.model.num_hypotheses
-  if init == "identity":
-    return None
-  if init == "azimuths":
-    quats = np.asarray(camera.view_quaternions(np.arange(h) * 360.0 / h))
-    return tuple(tuple(float(x) for x in q) for q in quats)
-  raise ValueError(f"config.model.camera_init must be 'identity' or 'azimuths', got {init!r}")
-
-
-def make_model(config, sphere: mesh_lib.SymmetricMesh) -> reconstructor.Reconstructor:
-  m = config.model
-  template = sphere.half(sphere.vertices) * m.template_scale
-  return reconstructor.Reconstructor(
-      template_half=np.asarray(template, np.float32), image_size=config.data.image_size,
-      feature_dim=m.feature_dim, encoder_conv_channels=m.encoder_conv_channels,
-      resnet_widths=tuple(m.resnet_widths), num_hypotheses=m.num_hypotheses, camera_width=m.camera_width,
-      flow_base_channels=m.flow_base_channels, flow_stages=m.flow_stages,
-      use_variance=config.variance.mode != "none", variance_base_channels=m.variance_base_channels,
-      variance_stages=m.variance_stages, num_side=sphere.num_side,
-      initial_quaternions=initial_camera_quaternions(config))
-
-
-def make_rasterizer(config):
-  """`render.soft_rasterize` with the config's image size and SoftRas settings (`config.render`)."""
-  r = config.render
-  return functools.partial(render.soft_rasterize, image_size=config.data.image_size, sigma=r.sigma,
-                           gamma=r.gamma, dist_eps=r.get("dist_eps", 1e-4))
-
-
 def learning_rate(config):
   """UMR's schedule: lr / (1 + decay · step) (umr.md §2.3)."""
   return lambda step: config.optim.learning_rate / (1.0 + config.optim.decay * step)
-
-
-def make_screen_faces(config, faces):
-  """(B, V, 3) vertices, (B, 7) cameras -> (B, F, 3, 3) screen-space faces for the rasterizer."""
-  def screen_faces(vertices, cams):
-    screen = jax.vmap(lambda v, c: camera.project_to_screen(v, c, config.render.depth_offset))(vertices, cams)
-    return mesh_lib.face_vertices(screen, faces)
-  return screen_faces
-
-
-def turn_cameras(cams, angle):
-  """Rotate each camera about the image's vertical axis by `angle` radians: (B, 7), (B,) -> (B, 7)."""
-  turn = camera.quat_from_axis_angle(jnp.array([0.0, 1.0, 0.0]), angle)
-  return cams.at[:, 3:].set(camera.quat_multiply(turn, cams[:, 3:]))
-
-
-def random_novel_cameras(key, cams):
-  """Eq. 36: rotate each camera about the object's vertical image axis by U(0°, 360°). (B, 7)."""
-  return turn_cameras(cams, jax.random.uniform(key, cams.shape[:1], minval=0.0, maxval=2 * jnp.pi))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,15 +131,15 @@ def init_encoder_from_resnet18(config, params, batch_stats):
 def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
   """The pure train step ``(state, batch) -> (state, metrics)`` (not yet jitted)."""
   faces = sphere.faces
-  uv_sampler = jnp.asarray(sphere.uv_sampler(config.mesh.texels_per_edge, config.mesh.symmetric_uv))
+  uv_sampler = components.make_uv_sampler(config, sphere)
   laplacian = jnp.asarray(sphere.laplacian)
   edge_quads = sphere.edge_quads
   w = config.loss_weights
   s = config.data.image_size
   on = frozen_terms(config)
-  rasterize = make_rasterizer(config)
+  rasterize = components.make_rasterizer(config)
 
-  screen_faces = make_screen_faces(config, faces)
+  screen_faces = components.make_screen_faces(config, faces)
 
   def sample_colours(image, flow, variance):
     if config.variance.mode == "none" or variance is None:
@@ -213,8 +152,7 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
     pred, updates = model.apply({"params": params, "batch_stats": batch_stats}, image, train=True,
                                 mutable=["batch_stats"])
     b = image.shape[0]
-    flow = ops.grid_sample(pred.uv_flow, jnp.broadcast_to(uv_sampler, (b,) + uv_sampler.shape),
-                           align_corners=True)                               # (B, F, T², 2)
+    flow = components.face_flow(pred.uv_flow, uv_sampler)                  # (B, F, T², 2)
     best = jnp.argmax(pred.cam_probs, axis=1)
     cam = jax.lax.stop_gradient(pred.cam_hypotheses[jnp.arange(b), best])
     return pred, updates, flow, best, cam
@@ -282,7 +220,7 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
 
     if w.gan > 0 or "fid" in on:
       novel_key, gp_key = jax.random.split(key)
-      novel_faces = screen_faces(pred.vertices, random_novel_cameras(novel_key, cam))   # Eq. 36
+      novel_faces = screen_faces(pred.vertices, components.random_novel_cameras(novel_key, cam))   # Eq. 36
       real = image * mask
     # Adversarial (Eq. 37-39): a novel view of the predicted shape with detached texture (as UMR) vs
     # real masked images.
@@ -341,138 +279,8 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
-
-
-def make_eval_step(config, model, sphere):
-  """(params, batch_stats, batch) -> per-image metrics and the render, deterministically.
-
-  Protocol: the most probable camera hypothesis (UMR samples one, umr.md §7.2), no noise, no flips;
-  colours sampled from the input by the predicted flow without the variance branch (it only changes
-  gradients). Metrics at the dataset resolution:
-    mask_iou     soft IoU of the rendered silhouette vs the ground-truth mask (`metrics.image.mask_iou`)
-    ssim         SSIM of the render (black background) vs image × mask (`metrics.image.ssim`, σ=1.5)
-    texture_l1   mean |render·silhouette − image·mask| (Eq. 10)
-  and, where the data has 3D ground truth (synthetic: `camera`, `vertices`):
-    camera_error_deg   geodesic angle between the predicted and true camera rotations
-    chamfer_3d         `metrics.shape.chamfer_distance` (squared) between predicted and true
-                       vertices, each in its own camera's view frame, centred, unit RMS radius
-                       (`metrics.shape.align_to_camera_frame`)
-  """
-  uv_sampler = jnp.asarray(sphere.uv_sampler(config.mesh.texels_per_edge, config.mesh.symmetric_uv))
-  rasterize = make_rasterizer(config)
-
-  screen_faces = make_screen_faces(config, sphere.faces)
-
-  def eval_step(params, batch_stats, batch):
-    image, mask = batch["image"], batch["mask"]
-    pred = model.apply({"params": params, "batch_stats": batch_stats}, image, train=False)
-    b = image.shape[0]
-    cam = pred.cam_hypotheses[jnp.arange(b), jnp.argmax(pred.cam_probs, axis=1)]
-    flow = ops.grid_sample(pred.uv_flow, jnp.broadcast_to(uv_sampler, (b,) + uv_sampler.shape), align_corners=True)
-    colours = ops.grid_sample(image, flow, align_corners=True)
-    rgba = rasterize(screen_faces(pred.vertices, cam), colours)
-    metrics = {
-        "mask_iou": image_metrics.mask_iou(rgba[..., 3], mask[..., 0]),
-        "ssim": image_metrics.ssim(rgba[..., :3] * rgba[..., 3:], image, mask),
-        "texture_l1": losses.masked_l1(rgba[..., :3], rgba[..., 3:], image, mask),
-    }
-    if "camera" in batch and "vertices" in batch:
-      metrics["camera_error_deg"] = shape_metrics.rotation_error_degrees(cam[:, 3:], batch["camera"][:, 3:])
-      metrics["chamfer_3d"] = shape_metrics.chamfer_distance(
-          shape_metrics.align_to_camera_frame(pred.vertices, cam),
-          shape_metrics.align_to_camera_frame(batch["vertices"], batch["camera"]))
-    outputs = {"render": rgba, "cam": cam, "colours": colours, "pred": pred}
-    return metrics, outputs
-
-  return eval_step
-
-
-def make_visualise(config, model, sphere, num_novel: int = 2):
-  """(params, batch_stats, image, mask) -> an image grid (n·S, (6 + num_novel)·S, 3) in [0, 1], one
-  row per image:
-
-  input | render from the predicted camera | silhouette (red) over the mask (green) | `num_novel` novel
-  views, evenly spaced turns (+120°, +240° for two) | the UV texture (the input sampled by the UV flow;
-  2S wide) | variance.
-  """
-  s = config.data.image_size
-  eval_step = make_eval_step(config, model, sphere)
-  rasterize = make_rasterizer(config)
-  screen_faces = make_screen_faces(config, sphere.faces)
-
-  @jax.jit
-  def panels(params, batch_stats, image, mask):
-    _, out = eval_step(params, batch_stats, {"image": image, "mask": mask})
-    pred, cam, b = out["pred"], out["cam"], image.shape[0]
-    views = []
-    for k in range(num_novel):
-      novel_cam = turn_cameras(cam, jnp.full((b,), 2 * jnp.pi * (k + 1) / (num_novel + 1)))
-      rgba = rasterize(screen_faces(pred.vertices, novel_cam), out["colours"])
-      views.append(rgba[..., :3] * rgba[..., 3:])
-    uv_texture = ops.grid_sample(image, pred.uv_flow, align_corners=True)
-    uv_texture = jax.image.resize(uv_texture, (b, s, 2 * s, 3), "bilinear")
-    if pred.variance is None:
-      variance = jnp.zeros((b, s, s, 3))
-    else:   # per image, min-max normalised for display
-      v = pred.variance[..., 0]
-      lo, hi = v.min((1, 2), keepdims=True), v.max((1, 2), keepdims=True)
-      variance = jnp.repeat(((v - lo) / jnp.maximum(hi - lo, 1e-6))[..., None], 3, -1)
-    render_rgb = out["render"][..., :3] * out["render"][..., 3:]
-    overlay = jnp.concatenate([out["render"][..., 3:], mask, jnp.zeros_like(mask)], -1)
-    return jnp.concatenate([image, render_rgb, overlay, *views, uv_texture, variance], axis=2)
-
-  def visualise(params, batch_stats, image, mask):
-    rows = np.asarray(panels(params, batch_stats, image, mask))
-    return np.clip(rows.reshape(-1, *rows.shape[2:]), 0.0, 1.0)
-
-  return visualise
-
-
-# ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
-
-
-class AddBarrier(grain.MapTransform):
-  """Adds the texture distance-transform barrier of the mask (`losses.distance_transform_barrier`)."""
-
-  def map(self, example):
-    out = dict(example)
-    out["barrier"] = losses.distance_transform_barrier(np.asarray(example["mask"])[..., 0])[..., None]
-    return out
-
-
-_TRAIN_KEYS = ("image", "mask", "barrier")
-
-
-_CUB_SPLITS = {"train": "train", "validation": "val", "test": "test"}
-
-
-def _data(config, split: str, shuffle: bool, num_epochs=None, preprocess=(), drop_remainder=True):
-  """A loader of `split` ('train', 'validation', 'test') of `config.data.dataset`."""
-  d = config.data
-  if d.dataset == "synthetic":
-    builder = builders.make_builder(d.synthetic_config, data_dir=d.data_dir,
-                                    **{k: v for k, v in d.overrides.items() if v is not None})
-    builders.prepare(builder)
-    if builder.builder_config.image_size != d.image_size:
-      raise ValueError(f"config.data.image_size={d.image_size} but synthetic_birds/"
-                       f"{builder.builder_config.name} has {builder.builder_config.image_size}")
-    source = builder.as_data_source(split)
-  elif d.dataset == "cub":
-    if not d.get("cub_dir") or not d.get("cub_cache_dir"):
-      raise ValueError("config.data.dataset='cub' needs --config.data.cub_dir=<CUB_200_2011 folder> and "
-                       "--config.data.cub_cache_dir=<CMR cachedir> (see the README, 'Bringing CUB-200-2011')")
-    source = cub.CubSource(d.cub_dir, d.cub_cache_dir, _CUB_SPLITS[split], scops_dir=d.get("scops_dir"),
-                           on_bad_record=d.get("on_bad_record", "error"))
-    preprocess = [cub.CubPreprocess(d.image_size, train=(split == "train")), *preprocess]
-  else:
-    raise ValueError(f"config.data.dataset must be 'synthetic' or 'cub', got {d.dataset!r}")
-  return pipeline.make_loader(source, batch_size=config.batch_size, image_size=d.image_size,
-                              seed=config.seed, shuffle=shuffle, num_epochs=num_epochs, preprocess=preprocess,
-                              drop_remainder=drop_remainder)
 
 
 def _check_finite(metrics: dict, step: int):
@@ -494,14 +302,39 @@ def create_state(config, model, discriminator, tx, disc_tx, image_shape) -> Trai
                     disc_params=disc_params, disc_opt_state=disc_tx.init(disc_params), key=train_key)
 
 
+CONFIG_FILE = "config.json"
+
+
+def checkpoint_manager(workdir: str, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+  """The Orbax manager of <workdir>/checkpoints (each step: the train state + JSON extras)."""
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+
+def restore_latest(manager: ocp.CheckpointManager, like: TrainState):
+  """(state, extras) of the latest checkpoint, with `like`'s structure, shapes and dtypes; None if
+  the manager holds none."""
+  latest = manager.latest_step()
+  if latest is None:
+    return None
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  restored = manager.restore(latest, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
+  return restored["state"], restored["extra"]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Train per `config`, checkpointing and logging into `workdir`; returns the final metrics."""
   if config.get("job", "train") == "preview":
     from jaxrecon import preview  # pylint: disable=g-import-not-at-top
     return preview.run(config, workdir)
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:   # what evaluate/predict rebuild the model from
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
   sphere = mesh_lib.symmetric_sphere(config.mesh.subdivisions)
-  model = make_model(config, sphere)
+  model = components.make_model(config, sphere)
   discriminator = reconstructor.Discriminator(config.model.disc_channels, config.model.disc_layers)
   tx = optax.adam(learning_rate(config), b1=0.9, b2=0.999)
   disc_tx = optax.adam(learning_rate(config), b1=0.5, b2=0.999)
@@ -523,29 +356,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   p_train_step = jax.jit(train_step, in_shardings=(replicated, data_sharding, replicated),
                          out_shardings=(replicated, replicated), donate_argnums=(0,))
 
-  data_iter = iter(_data(config, "train", shuffle=True, preprocess=[AddBarrier()]))
+  data_iter = iter(components.make_data(config, "train", shuffle=True, preprocess=[components.AddBarrier()]))
 
-  manager = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.max_to_keep, create=True))
-  latest = manager.latest_step()
-  if latest is not None:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = manager.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
-    state = jax.device_put(restored["state"], replicated)
-    data_iter.set_state(restored["extra"]["data_state"].encode())
-    logging.info("Resumed from step %d", latest)
+  manager = checkpoint_manager(workdir, config.checkpoint.max_to_keep)
+  restored = restore_latest(manager, state)
+  if restored is not None:
+    state = jax.device_put(restored[0], replicated)
+    data_iter.set_state(restored[1]["data_state"].encode())
+    logging.info("Resumed from step %d", int(state.step))
 
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
   images_every = config.get("log_images_every", 0)
-  visualise = make_visualise(config, model, sphere) if images_every and writer is not None else None
+  visualise = evaluation.make_visualise(config, model, sphere) if images_every and writer is not None else None
   start_step = int(state.step)
   history = []
   t0, last_log, last_step = time.time(), time.time(), start_step
   for step in range(start_step, config.num_train_steps):
-    local = {k: v for k, v in next(data_iter).items() if k in _TRAIN_KEYS}
+    local = {k: v for k, v in next(data_iter).items() if k in components.TRAIN_KEYS}
     batch = pipeline.global_batch(local, data_sharding)
     state, metrics = p_train_step(state, batch, frozen)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -565,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    done, config.num_train_steps, metrics["total"], metrics["mask"], metrics["texture_l1"], rate,
                    now - t0, eta)
     if visualise is not None and (done % images_every == 0 or done == config.num_train_steps):
-      _log_images(visualise, state, local, writer, workdir, done, config.get("log_images_count", 4))
+      evaluation.log_images(visualise, state, local, writer, workdir, done, config.get("log_images_count", 4))
     if done % config.checkpoint.every == 0 or done == config.num_train_steps:
       manager.save(done, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
@@ -573,9 +401,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager.wait_until_finished()
 
   results = {}
-  eval_step = jax.jit(make_eval_step(config, model, sphere))     # compiled once for every split
+  eval_step = jax.jit(evaluation.make_eval_step(config, model, sphere))     # compiled once for every split
   for split in config.eval.get("splits", (config.eval.split,)):
-    results.update(evaluate(config, model, sphere, state, writer, split=split, eval_step=eval_step))
+    results.update(evaluation.evaluate(config, model, sphere, state, writer, split=split, eval_step=eval_step))
   results["train_history"] = history
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
@@ -585,41 +413,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def _log_images(visualise, state, local_batch, writer, workdir, step, count):
-  """Write the reconstruction grid (`make_visualise`) of the first images of this process's batch to
-  TensorBoard and to <workdir>/images/step_<step>.png."""
-  n = min(count, local_batch["image"].shape[0])
-  params, batch_stats = jax.device_get((state.params, state.batch_stats))
-  grid = visualise(params, batch_stats, jnp.asarray(local_batch["image"][:n]), jnp.asarray(local_batch["mask"][:n]))
-  writer.add_image("train/reconstructions", grid, step, dataformats="HWC")
-  os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  Image.fromarray(np.round(grid * 255).astype(np.uint8)).save(os.path.join(workdir, "images", f"step_{step:06d}.png"))
-
-
-def evaluate(config, model, sphere, state, writer=None, split: str | None = None, eval_step=None) -> dict:
-  """Mask IoU, SSIM and texture L1 over every image of `split` (default `config.eval.split`), with the
-  protocol of `make_eval_step` (pass a jitted `eval_step` to reuse one compilation across splits).
-  Keys: 'eval/<split>/<metric>' (means), the image count and the step."""
-  split = split or config.eval.split
-  eval_step = eval_step or jax.jit(make_eval_step(config, model, sphere))
-  loader = _data(config, split, shuffle=False, num_epochs=1, drop_remainder=False)
-  values = {}
-  for i, batch in enumerate(loader):
-    if config.eval.max_batches and i >= config.eval.max_batches:
-      break
-    keys = [k for k in ("image", "mask", "camera", "vertices") if k in batch]
-    out, _ = eval_step(state.params, state.batch_stats, {k: jnp.asarray(batch[k]) for k in keys})
-    for k, v in out.items():
-      values.setdefault(k, []).append(np.asarray(v))
-  per_image = {k: np.concatenate(v) for k, v in values.items()}
-  results = {f"eval/{split}/{k}": float(np.mean(v)) for k, v in per_image.items()}
-  results[f"eval/{split}/num_images"] = len(per_image["mask_iou"])
-  results["step"] = int(state.step)
-  if writer is not None:
-    for k, v in results.items():
-      if k.startswith("eval/") and not k.endswith("num_images"):
-        writer.add_scalar(k, v, int(state.step))
-  logging.info("Evaluation on %s (%d images): %s", split, results[f"eval/{split}/num_images"],
-               {k: round(v, 4) for k, v in results.items() if isinstance(v, float)})
-  return results

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxrecon import train
+from jaxrecon import components
 from tests import test_cub
 
 CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))
@@ -30,9 +30,9 @@ def test_cub_config_trains_from_cub_files(tmp_path):
   config.batch_size = 2
   config.data.image_size = 64
   with pytest.raises(ValueError, match="needs --config.data.cub_dir"):
-    train._data(config, "train", shuffle=True)
+    components.make_data(config, "train", shuffle=True)
   config.data.cub_dir, config.data.cub_cache_dir, config.data.scops_dir = cub_dir, cache_dir, scops_dir
-  batch = next(iter(train._data(config, "train", shuffle=True, preprocess=[train.AddBarrier()])))
+  batch = next(iter(components.make_data(config, "train", shuffle=True, preprocess=[components.AddBarrier()])))
   assert batch["image"].shape == (2, 64, 64, 3) and batch["mask"].shape == (2, 64, 64, 1)
   assert batch["barrier"].shape == (2, 64, 64, 1) and batch["parts"].shape == (2, 64, 64, 5)
   # The fake bird is a red box on green: the crop sees both, the mask covers the box.

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from configs import test as test_config
-from jaxrecon import train
+from jaxrecon import components, train
 from jaxrecon.data import synthetic
 from jaxrecon.geometry import mesh as mesh_lib
 from jaxrecon.models import reconstructor, weights
@@ -159,11 +159,11 @@ def test_encoder_from_resnet18(tmp_path):
   config = test_config.get_config()
   config.weights.resnet18 = path
   sphere = mesh_lib.symmetric_sphere()
-  small = train.make_model(config, sphere).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+  small = components.make_model(config, sphere).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
   with pytest.raises(ValueError, match="resnet_widths=.*need \\(64, 128, 256, 512\\)"):
     train.init_encoder_from_resnet18(config, small["params"], small["batch_stats"])
   config.model.resnet_widths = (64, 128, 256, 512)
-  full = train.make_model(config, sphere).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+  full = components.make_model(config, sphere).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
   params, batch_stats = train.init_encoder_from_resnet18(config, full["params"], full["batch_stats"])
   loaded = weights.load_variables(path, "resnet18")
   chex_equal = lambda a, b: jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b))
@@ -186,13 +186,13 @@ def test_perceptual_and_fid_terms_train(tmp_path):
   frozen = train.load_frozen_networks(config)
   assert set(frozen) == {"texture_perceptual", "fid"}
   sphere = mesh_lib.symmetric_sphere()
-  model = train.make_model(config, sphere)
+  model = components.make_model(config, sphere)
   disc = reconstructor.Discriminator(config.model.disc_channels, config.model.disc_layers)
   tx = disc_tx = train.optax.adam(1e-3)
   state = train.create_state(config, model, disc, tx, disc_tx, (1, 64, 64, 3))
   examples = synthetic.make_examples(0, "train", range(4), synthetic.RenderSettings(image_size=64))
   batch = {k: jnp.asarray(np.stack([e[k] for e in examples]), jnp.float32) / 255 for k in ("image", "mask")}
-  batch["barrier"] = jnp.stack([train.AddBarrier().map({"mask": np.asarray(m)})["barrier"] for m in batch["mask"]])
+  batch["barrier"] = jnp.stack([components.AddBarrier().map({"mask": np.asarray(m)})["barrier"] for m in batch["mask"]])
   _, loss_fn = train.make_train_step(config, model, disc, sphere, tx, disc_tx)
   grad_fn = jax.jit(jax.grad(lambda p: loss_fn(p, state.batch_stats, state.disc_params, batch,
                                                jax.random.key(0), None, frozen)[1][0]["fid"]))
