@@ -18,6 +18,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.job = "train"
+  config.stage = "full"                 # 'template' = stage 1 (configs/synthetic_stage1.py)
   config.seed = 0
   config.batch_size = 16
   config.num_train_steps = 300
@@ -47,6 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.template_scale = 0.5     # the sphere template's radius (stage 1 learns a template)
+  # Stage 1's template folder (jaxrecon.template); unset: the sphere above is V_temp.
+  config.model.template_dir = ml_collections.config_dict.placeholder(str)
   config.model.feature_dim = 200
   config.model.encoder_conv_channels = 128
   config.model.resnet_widths = (32, 64, 128, 256)
@@ -91,6 +94,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss_weights.texture_cycle = 1.0
   config.loss_weights.variance_lookahead = 1.0
   config.loss_weights.gan = 0.0         # off on CPU (~10% of the step); configs/cub.py uses UMR's 1.0
+  config.loss_weights.symmetry_plane = 0.0   # stage 1's ori_reg (umr.md §2.2)
+  # term -> (first step, stop step or None): a term counts only inside its window (train.loss_weight).
+  config.loss_steps = ml_collections.ConfigDict()
+
+  # Stage 1's template learning (config.stage = 'template', jaxrecon.templating).
+  config.template = ml_collections.ConfigDict()
+  config.template.update_every = 100    # steps between template updates (UMR: 5 epochs)
+  config.template.update_images = 0     # training images averaged per update (0: all)
+  config.template.semantic_images = 0   # training images averaged into the UV part map (0: all)
+  config.template.output_dir = ml_collections.config_dict.placeholder(str)   # default <workdir>/template
 
   # Converted pretrained weights (python -m jaxrecon.tools.convert_weights); nothing is downloaded.
   # Unset: the encoder starts from random init, and a perceptual/FID term with a positive weight is

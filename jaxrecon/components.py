@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrecon import losses, ops, render
+from jaxrecon import template as template_lib
 from jaxrecon.data import builders, cub, pipeline
 from jaxrecon.geometry import camera
 from jaxrecon.geometry import mesh as mesh_lib
@@ -35,9 +36,19 @@ def initial_camera_quaternions(config) -> tuple | None:
   raise ValueError(f"config.model.camera_init must be 'identity' or 'azimuths', got {init!r}")
 
 
+def load_template(config, sphere: mesh_lib.SymmetricMesh) -> template_lib.Template | None:
+  """The stage-1 template folder named by `config.model.template_dir` (checked against the mesh), or
+  None when unset (the sphere of radius `config.model.template_scale` is then the template)."""
+  directory = config.model.get("template_dir")
+  return template_lib.load(directory, sphere) if directory else None
+
+
 def make_model(config, sphere: mesh_lib.SymmetricMesh) -> reconstructor.Reconstructor:
+  """The reconstructor on V_temp: the learned template of `config.model.template_dir` (stage 2), or
+  the sphere scaled by `config.model.template_scale` (stage 1 and single-stage runs)."""
   m = config.model
-  template = sphere.half(sphere.vertices) * m.template_scale
+  learned = load_template(config, sphere)
+  template = learned.vertices_half if learned is not None else sphere.half(sphere.vertices) * m.template_scale
   return reconstructor.Reconstructor(
       template_half=np.asarray(template, np.float32), image_size=config.data.image_size,
       feature_dim=m.feature_dim, encoder_conv_channels=m.encoder_conv_channels,
@@ -123,3 +134,8 @@ def make_data(config, split: str, shuffle: bool, num_epochs=None, preprocess=(),
   return pipeline.make_loader(source, batch_size=config.batch_size, image_size=d.image_size,
                               seed=config.seed, shuffle=shuffle, num_epochs=num_epochs, preprocess=preprocess,
                               drop_remainder=drop_remainder)
+
+
+def sphere_for(config) -> mesh_lib.SymmetricMesh:
+  """The template mesh topology: the icosphere refined `config.mesh.subdivisions` times."""
+  return mesh_lib.symmetric_sphere(config.mesh.subdivisions)

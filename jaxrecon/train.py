@@ -34,9 +34,9 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from jaxrecon import components, evaluation, losses, ops
+from jaxrecon import components, evaluation, losses, ops, templating
+from jaxrecon import template as template_lib
 from jaxrecon.data import pipeline
-from jaxrecon.geometry import mesh as mesh_lib
 from jaxrecon.metrics import fid
 from jaxrecon.models import inception, perceptual, reconstructor
 from jaxrecon.models import weights as weights_lib
@@ -53,6 +53,26 @@ class TrainState:
   disc_params: Any
   disc_opt_state: Any
   key: Array
+  # Stage 1's template update (umr.md §2.2), as an exact reparametrisation: V_temp ← V_temp + δ̄ with
+  # D_shape's bias ← bias − δ̄ leaves every prediction unchanged and only moves the point the
+  # deformation loss pulls the offsets to; so the state keeps δ̄ (the dataset-mean offset at the last
+  # update, (V_half, 3)) and the loss regularises offsets − δ̄. The template is sphere + δ̄.
+  template_offset: Array
+
+
+def loss_weight(config, term: str, step):
+  """`config.loss_weights[term]`, zero outside the steps `config.loss_steps[term] = (start, stop)`
+  (stop None: no end); stage 1 starts the deformation loss late and the symmetry-plane loss early
+  (umr.md §2.2). `step` may be traced."""
+  weight = config.loss_weights[term]
+  window = config.get("loss_steps", {}).get(term)
+  if window is None:
+    return weight
+  start, stop = window
+  active = step >= start
+  if stop is not None:
+    active = jnp.logical_and(active, step < stop)
+  return jnp.where(active, weight, 0.0)
 
 
 def learning_rate(config):
@@ -173,7 +193,8 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
     grad = jax.grad(lambda c: jnp.sum(texture_l1(tex_faces, c, sil, image, mask)[0]))(colours)
     return jax.lax.stop_gradient(grad)
 
-  def loss_fn(params, batch_stats, disc_params, batch, key, colour_grad, frozen):
+  def loss_fn(params, batch_stats, disc_params, batch, key, colour_grad, frozen, step=0, template_offset=None):
+    """The objective; `step` selects the active terms (`loss_weight`); `template_offset`: stage 1's δ̄."""
     image, mask = batch["image"], batch["mask"]
     b = image.shape[0]
     pred, updates, flow, best, cam = predict(params, batch_stats, image)
@@ -186,7 +207,10 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
     terms["mask"] = losses.mask_iou_loss(sil, mask[..., 0], pred.cam_probs)
     terms["laplacian"] = losses.laplacian_loss(pred.vertices, laplacian)
     terms["flatten"] = losses.flatten_loss(pred.vertices, edge_quads)
-    terms["deform"] = losses.deformation_loss(pred.half_offsets)
+    offsets = pred.half_offsets if template_offset is None else pred.half_offsets - template_offset
+    terms["deform"] = losses.deformation_loss(offsets)
+    if w.get("symmetry_plane", 0) > 0:
+      terms["symmetry_plane"] = losses.symmetry_plane_loss(pred.vertices, sphere.num_center)
     terms["camera_entropy"] = losses.camera_entropy(pred.cam_probs)
 
     # Texture (Eq. 7-11): colours sampled from the image; the most probable hypothesis renders them
@@ -246,7 +270,8 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
 
     means = {k: jnp.mean(v) for k, v in terms.items()}
     # Zero-weight terms are logged but kept out of the objective (0 * NaN would still poison it).
-    total = sum(getattr(w, k) * v for k, v in means.items() if getattr(w, k) != 0)
+    total = sum(loss_weight(config, k, step) * v for k, v in means.items() if w[k] != 0)
+    means["total"] = total
     return total + disc_loss, (means, disc_loss, updates["batch_stats"])
 
   use_lookahead = (config.variance.mode == "adaptive" and w.variance_lookahead > 0)
@@ -261,11 +286,11 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
     colour_grad = colour_gradient(state.params, state.batch_stats, batch) if use_lookahead else None
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)
     (_, (terms, disc_loss, batch_stats)), (grads, disc_grads) = grad_fn(
-        state.params, state.batch_stats, state.disc_params, batch, key, colour_grad, frozen)
+        state.params, state.batch_stats, state.disc_params, batch, key, colour_grad, frozen, state.step,
+        state.template_offset)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     disc_updates, disc_opt_state = disc_tx.update(disc_grads, state.disc_opt_state, state.disc_params)
     metrics = dict(terms)
-    metrics["total"] = sum(getattr(w, k) * v for k, v in terms.items() if getattr(w, k) != 0)
     metrics["discriminator"] = disc_loss
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["param_norm"] = optax.global_norm(state.params)
@@ -299,7 +324,8 @@ def create_state(config, model, discriminator, tx, disc_tx, image_shape) -> Trai
   disc_params = discriminator.init(disc_key, jnp.zeros(image_shape[:3] + (4,), jnp.float32))["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                     batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-                    disc_params=disc_params, disc_opt_state=disc_tx.init(disc_params), key=train_key)
+                    disc_params=disc_params, disc_opt_state=disc_tx.init(disc_params), key=train_key,
+                    template_offset=jnp.zeros_like(model.template_half, jnp.float32))
 
 
 CONFIG_FILE = "config.json"
@@ -324,17 +350,60 @@ def restore_latest(manager: ocp.CheckpointManager, like: TrainState):
   return restored["state"], restored["extra"]
 
 
+def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Stage 1 (`config.stage1`, in <workdir>/stage1) → the semantic template (<workdir>/template) →
+  stage 2 (`config.stage2` on that template, in <workdir>/stage2).
+
+  Resumable at any point: a complete template folder (its template.json is written last) means
+  stage 1 is done and is skipped; otherwise stage 1 resumes from its checkpoints (and, if training
+  had finished, just writes the template); stage 2 resumes from its own checkpoints.
+  `config.data_dir`, when set, is the synthetic data folder of both stages.
+  Returns stage 2's results plus stage 1's template metrics ('stage1/...').
+  """
+  stage1, stage2 = config.stage1.copy_and_resolve_references(), config.stage2.copy_and_resolve_references()
+  if config.get("data_dir"):
+    stage1.data.data_dir = stage2.data.data_dir = config.data_dir
+  directory = os.path.join(workdir, "template")
+  stage1.template.output_dir = directory
+  stage1_dir = os.path.join(workdir, "stage1")
+  if template_lib.exists(directory):
+    logging.info("Stage 1 is done (%s exists): going on with stage 2", directory)
+  else:
+    logging.info("Stage 1: learning the template in %s", stage1_dir)
+    train_and_evaluate(stage1, stage1_dir)
+  stage1_results = {}
+  if os.path.exists(os.path.join(stage1_dir, "metrics.json")):
+    with open(os.path.join(stage1_dir, "metrics.json")) as f:
+      stage1_results = {f"stage1/{k}": v for k, v in json.load(f).items()}
+  stage2.model.template_dir = directory
+  logging.info("Stage 2: the full model on the template in %s", directory)
+  results = train_and_evaluate(stage2, os.path.join(workdir, "stage2"))
+  results.update(stage1_results)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump({k: v for k, v in results.items() if k != "train_history"}, f, indent=1)
+  return results
+
+
+def template_dir(config, workdir: str) -> str:
+  """Where stage 1 writes its template folder: `config.template.output_dir`, or <workdir>/template."""
+  return config.template.get("output_dir") or os.path.join(workdir, "template")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Train per `config`, checkpointing and logging into `workdir`; returns the final metrics."""
   if config.get("job", "train") == "preview":
     from jaxrecon import preview  # pylint: disable=g-import-not-at-top
     return preview.run(config, workdir)
+  if config.get("job", "train") == "pipeline":
+    return run_pipeline(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:   # what evaluate/predict rebuild the model from
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
-  sphere = mesh_lib.symmetric_sphere(config.mesh.subdivisions)
+  sphere = components.sphere_for(config)
   model = components.make_model(config, sphere)
+  learns_template = config.get("stage", "full") == "template"
   discriminator = reconstructor.Discriminator(config.model.disc_channels, config.model.disc_layers)
   tx = optax.adam(learning_rate(config), b1=0.9, b2=0.999)
   disc_tx = optax.adam(learning_rate(config), b1=0.5, b2=0.999)
@@ -394,6 +463,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    now - t0, eta)
     if visualise is not None and (done % images_every == 0 or done == config.num_train_steps):
       evaluation.log_images(visualise, state, local, writer, workdir, done, config.get("log_images_count", 4))
+    if learns_template and (done % config.template.update_every == 0 or done == config.num_train_steps):
+      offset = templating.mean_offset(config, model, *jax.device_get((state.params, state.batch_stats)))
+      moved = float(np.sqrt(np.mean(np.sum((offset - np.asarray(jax.device_get(state.template_offset))) ** 2, -1))))
+      state = state.replace(template_offset=jax.device_put(jnp.asarray(offset), replicated))
+      logging.info("step %d: template updated by the mean offset (RMS move %.4f)", done, moved)
     if done % config.checkpoint.every == 0 or done == config.num_train_steps:
       manager.save(done, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
@@ -401,6 +475,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager.wait_until_finished()
 
   results = {}
+  if learns_template:
+    directory = template_dir(config, workdir)
+    if jax.process_index() == 0:
+      learned = templating.export(config, model, sphere, state, directory)
+      if config.data.dataset == "synthetic":
+        results.update(templating.quality(config, learned, sphere))
+        logging.info("Template quality: %s", {k: round(v, 4) for k, v in results.items()})
   eval_step = jax.jit(evaluation.make_eval_step(config, model, sphere))     # compiled once for every split
   for split in config.eval.get("splits", (config.eval.split,)):
     results.update(evaluation.evaluate(config, model, sphere, state, writer, split=split, eval_step=eval_step))

@@ -123,3 +123,34 @@ def rotation_error_degrees(q_pred, q_gt):
                              camera.quat_normalize(q_gt))
   sin_half = jnp.linalg.norm(rel[..., 1:], axis=-1)
   return jnp.degrees(2.0 * jnp.arctan2(sin_half, jnp.abs(rel[..., 0])))
+
+
+def normalize_shape(points, eps: float = 1e-12):
+  """Centre (B, N, 3) point sets at their mean and scale them to unit RMS radius (weak-perspective
+  shapes are only defined up to scale and translation)."""
+  centred = points - jnp.mean(points, axis=-2, keepdims=True)
+  rms = jnp.sqrt(jnp.mean(jnp.sum(centred**2, -1), -1) + eps)
+  return centred / rms[..., None, None]
+
+
+def symmetric_frame_chamfer(pred, target, num_angles: int = 360):
+  """Chamfer distance between two mirror-symmetric shapes (N, 3), (M, 3) whose canonical frames may
+  differ: both normalised (`normalize_shape`), then `pred` turned about the mirror-plane normal (y)
+  by the best of `num_angles` evenly spaced angles, with or without the mirror x → −x. These are the
+  changes of frame that keep the plane y = 0, which is all two unsupervised symmetric frames share.
+
+  Returns:
+    (chamfer (the minimum, squared units of the unit-RMS shapes), the aligned `pred` (N, 3)).
+  """
+  p, t = normalize_shape(jnp.asarray(pred)[None])[0], normalize_shape(jnp.asarray(target)[None])[0]
+  angles = jnp.arange(num_angles) * (2 * jnp.pi / num_angles)
+  c, s = jnp.cos(angles), jnp.sin(angles)
+  zero, one = jnp.zeros_like(c), jnp.ones_like(c)
+  turns = jnp.stack([jnp.stack([c, zero, s], -1), jnp.stack([zero, one, zero], -1),
+                     jnp.stack([-s, zero, c], -1)], -2)                       # (A, 3, 3) about y
+  mirror = jnp.diag(jnp.array([-1.0, 1.0, 1.0]))
+  frames = jnp.concatenate([turns, turns @ mirror], 0)                      # (2A, 3, 3)
+  candidates = jnp.einsum("aij,nj->ani", frames, p)
+  scores = chamfer_distance(candidates, jnp.broadcast_to(t, (frames.shape[0],) + t.shape))
+  best = jnp.argmin(scores)
+  return scores[best], candidates[best]
