@@ -11,6 +11,8 @@ the dense path is only executed when that estimate is below `--dense-max-gb`.
   python benchmarks/render.py                       # the full table (a few minutes on 2 cores)
   python benchmarks/render.py --sizes 64 --batches 8 --no-append
   python benchmarks/render.py --training            # only the 128 x 256² silhouette call
+  python benchmarks/render.py --workload --repeats 9  # the train step's three calls at 64 px
+  python benchmarks/render.py --workload --compare /tmp/old_rasterize.py   # A/B vs another file
 
 The table is printed and appended to BENCHMARKS.md with the command line and the date.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import math
 import os
 import pathlib
@@ -37,14 +40,18 @@ from jaxrecon.render import rasterize
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def make_scene(batch: int, seed: int = 0, texture_res: int = 6):
-  """Training-like face vertices (B, 1280, 3, 3), textures (B, 1280, R*R, 3) and target masks."""
+def make_scene(batch: int, seed: int = 0, texture_res: int = 6, scale: float = 1.0):
+  """Training-like face vertices (B, 1280, 3, 3) and textures (B, 1280, R*R, 3).
+
+  `scale` multiplies the object's size: 1 gives a mean radius of 0.45 (about 16% of the image
+  covered), 1.5 about 35% (birds late in training fill 30-50% of the image).
+  """
   rng = np.random.default_rng(seed)
   sphere = mesh.symmetric_sphere()
   v = np.asarray(sphere.vertices)
   out = []
   for _ in range(batch):
-    stretch = rng.uniform(0.7, 1.3, 3) * 0.45
+    stretch = rng.uniform(0.7, 1.3, 3) * 0.45 * scale
     bump = 1.0 + 0.08 * np.sin(3 * v @ rng.normal(size=3))[:, None]
     q = np.linalg.qr(rng.normal(size=(3, 3)))[0]
     w = (v * stretch * bump) @ q.T
@@ -241,6 +248,115 @@ def training_call(args):
           f"{gib(rss)} (includes everything run before it in this process).")
 
 
+# ------------------------------------------------------------------------------------------------
+# The training workload: the three renderer calls of one train step (configs/synthetic.py).
+
+WORKLOAD_SETTINGS = dict(image_size=64, sigma=1e-4, gamma=1e-4, dist_eps=1e-10)
+
+
+def load_module(path: str):
+  """A rasterize module loaded from a file (e.g. the HEAD version, for an A/B comparison)."""
+  import importlib.util
+  name = f"rasterize_{abs(hash(path))}"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses look their module up
+  spec.loader.exec_module(module)
+  return module
+
+
+def workload_fns(module, kw):
+  """The train step's three renderer calls as jitted functions of (fv64, fv16, colours, ...).
+
+  1. `sil`: alpha-only silhouettes of B = 64 meshes (16 images × 4 camera hypotheses), soft IoU
+     loss, forward + backward w.r.t. the vertices.
+  2. `tex`: RGB render with return_aux of B = 16 meshes, masked L1, backward w.r.t. the colours
+     only (vertices stop-gradient); p2f and face_index are outputs (the texture-cycle loss).
+  3. `lookahead`: the colour gradient of the variance lookahead: an alpha-only render (forward
+     only) and the RGB render with aux, forward + backward w.r.t. the colours.
+  """
+  render = functools.partial(module.soft_rasterize, **kw)
+
+  def iou(fv, target):
+    alpha = render(fv, None)[..., 3]
+    inter = jnp.sum(alpha * target, axis=(1, 2))
+    union = jnp.sum(alpha + target - alpha * target, axis=(1, 2))
+    return jnp.mean(1.0 - inter / (union + 1e-6))
+
+  def texture_l1(fv, colours, sil, image, mask):
+    rgba, aux = render(jax.lax.stop_gradient(fv), colours, return_aux=True)
+    loss = jnp.mean(jnp.abs(rgba[..., :3] * sil - image * mask), axis=(1, 2, 3))
+    return loss, aux
+
+  def tex(fv, colours, sil, image, mask):
+    (loss, aux), grad = jax.value_and_grad(
+        lambda c: (lambda l, a: (jnp.sum(l), a))(*texture_l1(fv, c, sil, image, mask)),
+        has_aux=True)(colours)
+    return loss, grad, aux["p2f"], aux["face_index"]
+
+  def lookahead(fv, colours, image, mask):
+    sil = render(fv, None)[..., 3:]
+    return jax.grad(lambda c: jnp.sum(texture_l1(fv, c, sil, image, mask)[0]))(colours)
+
+  return {"sil": jax.jit(jax.value_and_grad(iou)), "tex": jax.jit(tex),
+          "lookahead": jax.jit(lookahead)}
+
+
+def workload_inputs(scale: float, seed: int = 7):
+  """Inputs of the three calls: 64 silhouette meshes, 16 textured meshes with R = 6 colours."""
+  s = WORKLOAD_SETTINGS["image_size"]
+  fv64, _ = make_scene(64, seed=seed, scale=scale)
+  fv16, colours = make_scene(16, seed=seed + 1, scale=scale)
+  target = target_masks(64, s)
+  rng = np.random.default_rng(seed + 2)
+  image = rng.uniform(0, 1, (16, s, s, 3)).astype(np.float32)
+  mask = target_masks(16, s, seed=seed + 3)[..., None]
+  sil = mask  # a stand-in for the best hypothesis's silhouette (stop-gradient in training)
+  return {"sil": (fv64, target), "tex": (fv16, colours, sil, image, mask),
+          "lookahead": (fv16, colours, image, mask)}
+
+
+def workload(args):
+  """Time the three calls (median of interleaved repeats) for each variant and scene scale."""
+  variants = {"current": rasterize}
+  if args.compare:
+    variants = {f"A: {args.compare}": load_module(args.compare), "B: current": rasterize}
+  kw = dict(WORKLOAD_SETTINGS, faces_per_item=args.k, pairs_per_step=args.pairs_per_step)
+  if args.tile:
+    kw["tile_size"] = args.tile
+  lines = ["| scene scale | variant | sil B=64 fwd+bwd | tex B=16 fwd+bwd | lookahead B=16 | total "
+           "| XLA memory (sil / tex / lookahead) |", "|---|---|---|---|---|---|---|"]
+  for scale in args.scales:
+    inputs = workload_inputs(scale)
+    fv = inputs["sil"][0]
+    counts = np.asarray(rasterize.tile_face_counts(
+        fv, image_size=64, sigma=kw["sigma"], dist_eps=kw["dist_eps"], tile_size=args.tile))
+    print(f"scale {scale}: faces per tile mean {counts.mean():.1f} (non-empty tiles "
+          f"{counts[counts > 0].mean():.1f}), max {counts.max()}, "
+          f"{np.mean(counts > 0):.0%} of tiles listing a face", file=sys.stderr, flush=True)
+    compiled, mem, times = {}, {}, {}
+    for name, module in variants.items():
+      for call, fn in workload_fns(module, kw).items():
+        c = fn.lower(*inputs[call]).compile()
+        compiled[name, call] = c
+        mem[name, call] = memory_bytes(c)
+        jax.block_until_ready(c(*inputs[call]))  # warm-up
+        times[name, call] = []
+    for _ in range(args.repeats):  # interleaved: the variants see the same machine load
+      for (name, call), c in compiled.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(c(*inputs[call]))
+        times[name, call].append(time.perf_counter() - t0)
+    for name in variants:
+      med = {call: float(np.median(times[name, call])) for call in ("sil", "tex", "lookahead")}
+      lines.append(
+          f"| {scale:g} | {name} | " + " | ".join(f"{med[c] * 1e3:.0f} ms" for c in med)
+          + f" | {sum(med.values()) * 1e3:.0f} ms | "
+          + " / ".join(gib(mem[name, c]) for c in med) + " |")
+    print("\n".join(lines[-len(variants):]), file=sys.stderr, flush=True)
+  return "\n".join(lines)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
@@ -259,7 +375,17 @@ def main(argv=None):
   p.add_argument("--training", action="store_true", help="also run the 128 x 256² call")
   p.add_argument("--training-only", action="store_true")
   p.add_argument("--no-append", action="store_true", help="print only, do not touch BENCHMARKS.md")
+  p.add_argument("--workload", action="store_true",
+                 help="time the train step's three renderer calls at 64 px (σ = γ = 1e-4, "
+                      "dist_eps = 1e-10) and exit; prints only")
+  p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5],
+                 help="--workload: object size factors (1: ~16%% of the image, 1.5: ~35%%)")
+  p.add_argument("--compare", default=None,
+                 help="--workload: also time the rasterize module in this file (A/B, interleaved)")
   args = p.parse_args(argv)
+  if args.workload:
+    print(workload(args))
+    return
 
   rows, counts, per_pair = [], {}, {}
   if not args.training_only:

@@ -384,6 +384,64 @@ def test_tile_face_counts_superset_of_pixel_test():
   np.testing.assert_array_equal(counts[0], expected)
 
 
+def _scan_item_ids(fv, plan, cfg, tile, k):
+  """The previous binning, as a reference: each work item scans all F faces' boxes (`_overlaps`)
+  and takes the k-th K-slice of its tile's list in face-index order."""
+  boxes = rasterize._face_boxes(fv, cfg)
+  out = []
+  for i in range(int(plan.num_chunks)):
+    bi, ids, ok, *_ = plan.chunk(i)
+    c = plan.tiling.chunk
+    j = i * c + np.arange(c)
+    item_end, items = np.asarray(plan.item_end), np.asarray(plan.items)
+    g = np.minimum(np.searchsorted(item_end, j, side="right"), items.size - 1)
+    sub = j - (item_end[g] - items[g])
+    tile_id = g % (plan.nt * plan.nt)
+    ty, tx = tile_id // plan.nt, tile_id % plan.nt
+    listed = np.asarray(rasterize._overlaps(boxes[np.asarray(bi)], plan.ext, jnp.asarray(tx),
+                                            jnp.asarray(ty)))
+    ref = np.full((c, k), plan.f)
+    for row in range(c):
+      if j[row] < item_end[-1]:
+        faces = np.flatnonzero(listed[row])[sub[row] * k:sub[row] * k + k]
+        ref[row, :faces.size] = faces
+    out.append((np.asarray(ids), ref, np.asarray(ok)))
+  return out
+
+
+@pytest.mark.parametrize("tile,k,faces", [(4, 32, 1280), (3, 5, 45), (8, 64, 70), (1, 1, 33)])
+def test_bitmask_tile_lists_equal_face_scan(tile, k, faces):
+  """The bitmask binning (per tile row and column) gives every work item exactly the faces, in
+  the order, that scanning all F boxes gives; so no face is dropped, for any F (not only 32·W)."""
+  if faces == 1280:
+    fv = _sphere_scene(batch=2, size_scale=0.6)
+    size, sigma, dist_eps = 64, 1e-4, 1e-10
+  else:
+    fv, _ = _random_scene(seed=12, batch=2, faces=faces)
+    size, sigma, dist_eps = 14, 3e-3, 1e-3
+  fv = jnp.asarray(fv, jnp.float32)
+  _, _, cfg = rasterize._check_and_config(
+      fv, None, image_size=size, sigma=sigma, gamma=1e-4, dist_eps=dist_eps, eps=1e-3, near=1.0,
+      far=100.0, background=(0.0,) * 3, double_sided=True, aggr_alpha="prod", aggr_rgb="softmax",
+      dist_func="euclidean", softras_grad=True, bg_double_eps=True,
+      drop_alpha_grad_beyond_near_far=None, texel_eps=1e-5, return_aux=False)
+  tiling = rasterize._Tiling(tile=tile, k=k, chunk=7 if k > 1 else 64)  # chunk edges in items
+  plan = rasterize._Plan.build(fv, cfg, tiling)
+  # Per-tile counts equal the face scan's.
+  boxes = rasterize._face_boxes(fv, cfg)
+  tiles = np.arange(plan.nt * plan.nt)
+  scan_counts = np.stack([np.asarray(rasterize._overlaps(
+      boxes[b][None], plan.ext, jnp.asarray(tiles % plan.nt), jnp.asarray(tiles // plan.nt))).sum(-1)
+      for b in range(fv.shape[0])])
+  np.testing.assert_array_equal(np.asarray(plan.counts).reshape(scan_counts.shape), scan_counts)
+  listed = 0
+  for ids, ref, ok in _scan_item_ids(fv, plan, cfg, tile, k):
+    np.testing.assert_array_equal(ids, ref)
+    np.testing.assert_array_equal(ok, ref < plan.f)
+    listed += int(np.sum(ok))
+  assert listed == int(np.sum(scan_counts)) > 0
+
+
 # ------------------------------------------------------------------------------------------------
 # Gradients.
 
@@ -493,6 +551,59 @@ def test_tiled_gradients_equal_dense():
                                                                         jnp.asarray(tex))
     for d, t in zip(out["dense"], out["tiled"]):
       np.testing.assert_allclose(t, d, rtol=1e-9, atol=1e-9)
+
+
+HAND_VJP_OPTIONS = [
+    dict(),
+    dict(aggr_alpha="sum", double_sided=False, drop_alpha_grad_beyond_near_far=False),
+    dict(aggr_alpha="hard", aggr_rgb="hard", near=3.0, far=7.0),
+    dict(near=3.0, far=7.0, texture_res=1),
+]
+
+
+@pytest.mark.parametrize("options", HAND_VJP_OPTIONS, ids=["default", "sum-1side-nodrop",
+                                                            "hard-nearfar", "nearfar-r1"])
+def test_hand_vjp_equals_autodiff(options):
+  """The tiled path's hand-written backward (softras_grad) equals autodiff of the dense path."""
+  options = dict(options)
+  fv, tex = _random_scene(seed=13, batch=2, faces=16, texture_res=options.pop("texture_res", 2),
+                          special=False)
+  g = _weights((2, 12, 12, 4), seed=14)
+  kw = dict(SOFT, image_size=12, **options)
+  with jax.enable_x64(True):
+    out = {}
+    for impl in ("dense", "tiled"):
+      f = _jitted(impl=impl, tile_size=4, faces_per_item=3, **kw)
+      out[impl] = jax.grad(lambda a, t: jnp.sum(f(a, t) * g), (0, 1))(jnp.asarray(fv),
+                                                                        jnp.asarray(tex))
+      alpha = _jitted(impl=impl, tile_size=4, faces_per_item=3, **kw)
+      out[impl, "alpha"] = jax.grad(lambda a: jnp.sum(alpha(a, None) * g))(jnp.asarray(fv))
+    for key in ((0,), (1,), ("alpha",)):
+      d = out["dense"][key[0]] if key != ("alpha",) else out["dense", "alpha"]
+      t = out["tiled"][key[0]] if key != ("alpha",) else out["tiled", "alpha"]
+      scale = max(np.abs(d).max(), 1e-30)
+      np.testing.assert_allclose(t, d, rtol=0, atol=1e-10 * scale, err_msg=str(key))
+      if options.get("aggr_alpha") != "hard" or key == (1,):
+        assert np.abs(d).max() > 0, key
+
+
+@pytest.mark.parametrize("softras_grad", [True, False])
+def test_texture_only_and_vertex_only_gradients(softras_grad):
+  """With the vertices (or the textures) under stop_gradient, the backward skips their part and
+  the other gradient is unchanged."""
+  fv, tex = _random_scene(seed=15, batch=2, faces=12, texture_res=2, special=False)
+  g = _weights((2, 12, 12, 4), seed=16)
+  with jax.enable_x64(True):
+    f = _jitted(image_size=12, tile_size=4, faces_per_item=4, softras_grad=softras_grad,
+                return_aux=True, **SOFT)
+    loss = lambda a, t: jnp.sum(f(a, t)[0] * g) + 0.0 * jnp.sum(f(a, t)[1]["p2f"])
+    fv64, tex64 = jnp.asarray(fv), jnp.asarray(tex)
+    d_fv, d_tex = jax.grad(loss, (0, 1))(fv64, tex64)
+    only_tex = jax.grad(lambda t: loss(jax.lax.stop_gradient(fv64), t))(tex64)
+    only_fv = jax.grad(lambda a: loss(a, jax.lax.stop_gradient(tex64)))(fv64)
+  np.testing.assert_allclose(only_tex, d_tex, rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(only_fv, d_fv, rtol=1e-12, atol=1e-14)
+  assert np.abs(d_fv).max() > 0 and np.abs(d_tex).max() > 0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ Both paths evaluate the same per-(pixel, face) formulas, those of SoftRas's CUDA
 * ``impl='dense'`` visits every (pixel, face) pair at once: O(B·S²·F) memory, the reference.
 * ``impl='tiled'`` (default) cuts the image into T×T pixel tiles and lists, for every (image, tile),
   the faces whose bounding box grown by √thr overlaps the tile's pixel centres (outside autodiff,
-  an exact superset of SoftRas's per-pixel `check_border`). A tile listing c faces becomes ⌈c/K⌉
+  an exact superset of SoftRas's per-pixel `check_border`; stored as per-row and per-column
+  bitmasks whose AND is the tile's list). A tile listing c faces becomes ⌈c/K⌉
   *work items* of (T² pixels, K face slots). Items are evaluated in sequential chunks of a static
   size by `lax.fori_loop` with a data-dependent trip count, and their per-pixel sums are
   scatter-added into the image. A custom VJP recomputes each chunk in the backward pass (what
@@ -107,7 +108,7 @@ def _safe_div(num, den):
   return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
 
-def _pair_terms(px, py, fv, slot_ok, cfg: _Config):
+def _pair_terms(px, py, fv, slot_ok, cfg: _Config, materialize: bool = False):
   """SoftRas's per-(pixel, face) quantities for an N-pixel × K-face block (softras.md §1.4).
 
   Args:
@@ -151,6 +152,7 @@ def _pair_terms(px, py, fv, slot_ok, cfg: _Config):
     # region-based euclidean_p2f_distance (softras.md §1.4). Zero-length edges (which SoftRas
     # divides by, unguarded) get t = 0: the distance to the point.
     d2 = None
+    edges = []  # per edge: (t, dx, dy, d2k), for the hand-written backward
     for k in range(3):
       ax, ay, bx, by = x[:, k], y[:, k], x[:, (k + 1) % 3], y[:, (k + 1) % 3]
       ex, ey = bx - ax, by - ay
@@ -158,6 +160,7 @@ def _pair_terms(px, py, fv, slot_ok, cfg: _Config):
       t = jnp.clip(((pxc - ax) * ex + (pyc - ay) * ey) * inv_len2, 0.0, 1.0)
       dx, dy = ax + t * ex - pxc, ay + t * ey - pyc
       d2k = dx * dx + dy * dy
+      edges.append((t, dx, dy, d2k))
       d2 = d2k if d2 is None else jnp.minimum(d2, d2k)
     s = jnp.where(inside, d2, -d2) / sigma
     keep = inbox & (inside | (d2 < thr))
@@ -166,9 +169,15 @@ def _pair_terms(px, py, fv, slot_ok, cfg: _Config):
     dis = jnp.sign(m) * m * m
     s = dis / sigma
     keep = inbox & (-dis < thr)
+    edges = None
   else:
     raise ValueError(f"unknown dist_func {cfg.dist_func!r}")
   s = jnp.where(keep, s, 0.0)  # finite, harmless values in dropped lanes
+
+  if materialize:
+    # Several reductions downstream: XLA CPU fuses each with its own copy of the producers, so
+    # compute the shared per-pair values once (lax.optimization_barrier forces them into memory).
+    w, s, keep, inside, edges = lax.optimization_barrier((w, s, keep, inside, edges))
 
   # 4. Depth from clipped barycentrics (barycentric_clip), perspective-correct zp = 1/Σ w_c/z.
   w_rgb = [lax.stop_gradient(wk) for wk in w] if cfg.softras_grad else w  # softras.md §1.5
@@ -186,8 +195,10 @@ def _pair_terms(px, py, fv, slot_ok, cfg: _Config):
   facing = jnp.ones_like(front) if cfg.double_sided else front
   inside_incl = ((w[0] >= 0) & (w[0] <= 1) & (w[1] >= 0) & (w[1] <= 1)
                  & (w[2] >= 0) & (w[2] <= 1))
-  return {"keep": keep, "s": s, "zp": zp, "in_range": in_range, "contrib": keep & in_range & facing,
-          "inside_incl": inside_incl, "wc": wc}
+  out = {"keep": keep, "s": s, "zp": zp, "in_range": in_range, "contrib": keep & in_range & facing,
+         "inside_incl": inside_incl, "wc": wc, "inside": inside, "edges": edges,
+         "zinv_ok": zinv_ok, "inv_z": inv_z}
+  return lax.optimization_barrier(out) if materialize else out
 
 
 def _block_stats(px, py, fv, ids, slot_ok, cfg: _Config):
@@ -212,6 +223,131 @@ def _num_channels(cfg: _Config) -> int:
   if not cfg.has_texture:
     return 1
   return 5 if cfg.aggr_rgb == "softmax" else 4
+
+
+def _texel_colour(tex, wc, shape, cfg: _Config):
+  """Colour (N, K, 3) of each pair's texel and the texel index (N, K) (None when R = 1)."""
+  r = cfg.texture_res
+  if r == 1:
+    return jnp.broadcast_to(tex[None, :, 0, :], shape + (3,)), None
+  # Pull the lookup point toward the centroid by `texel_eps` (relative): a pixel clipped onto an
+  # edge (some w_c = 0) lies exactly on a fold boundary of SoftRas's lookup, where the CUDA
+  # kernel's choice between two texels is decided by float rounding (softras.md §1.4).
+  shrink, centre = 1.0 - cfg.texel_eps, cfg.texel_eps / 3.0
+  t0 = lax.stop_gradient(wc[0]) * shrink + centre
+  t1 = lax.stop_gradient(wc[1]) * shrink + centre
+  texel = texel_index(t0, t1, r)
+  return tex[jnp.arange(tex.shape[0])[None, :], texel], texel
+
+
+def _softmax_weights(t, m, cfg: _Config):
+  """e_j = D_j·exp((zn_j - M)/γ) (N, K): the unnormalised softmax weights (softras.md §1.4)."""
+  zn = (cfg.far - t["zp"]) / (cfg.far - cfg.near)
+  zn_safe = jnp.where(t["contrib"], zn, m[:, None])
+  log_e = (zn_safe - m[:, None]) / cfg.gamma - jax.nn.softplus(-t["s"])   # log(D·e^{(zn-M)/γ})
+  return jnp.where(t["contrib"], jnp.exp(log_e), 0.0)
+
+
+def _hand_vjp_ok(cfg: _Config) -> bool:
+  """Whether `_block_sums_vjp` covers these settings (SoftRas's gradient, euclidean distance)."""
+  return cfg.softras_grad and cfg.dist_func == "euclidean"
+
+
+def _sum_rows(arrays):
+  """[Σ_n a[n, ...] for a in arrays] as ONE variadic reduction.
+
+  XLA CPU gives each separate reduction its own fusion, which recomputes all shared per-pair
+  producers (and lax.optimization_barrier does not stop it); one reduction with several operands
+  computes them once per element.
+  """
+  arrays = list(arrays)
+  zeros = [jnp.zeros((), a.dtype) for a in arrays]
+  return lax.reduce(arrays, zeros, lambda xs, ys: [x + y for x, y in zip(xs, ys)], (0,))
+
+
+def _min_weights(a, b):
+  """d min(a, b)/da and /db as JAX differentiates `minimum` (ties: 1/2 each)."""
+  z = jnp.minimum(a, b)
+  wa = jnp.where(a == z, jnp.where(b == z, 0.5, 1.0), 0.0)
+  wb = jnp.where(b == z, jnp.where(a == z, 0.5, 1.0), 0.0)
+  return z, wa, wb
+
+
+def _block_sums_vjp(px, py, fv, tex, ids, slot_ok, m, hard_face, g, cfg: _Config, want_fv: bool,
+                    want_tex: bool):
+  """Hand-written VJP of `_block_sums`' pixel sums w.r.t. (fv, tex) for `_hand_vjp_ok` settings.
+
+  SoftRas's analytic backward (softras.md §1.5) in closed form, instead of `jax.vjp` of the
+  recomputed block: D reaches the vertices through the squared distance to the nearest edge,
+  d²= |a + t(b - a) - p|², whose gradient is 2(1 - t)·r for a and 2t·r for b (r = the closest
+  point minus p; t's own derivative is multiplied by r·(b - a) = 0, or is 0 where t is clamped),
+  and the depth zp = 1/Σ w_c/z_c reaches z_c with w_c constant. Equal to the autodiff gradient up
+  to float rounding (tests/test_rasterize.py).
+
+  Args:
+    g: (N, C) the cotangent of the block's pixel sums. Others as `_block_sums`.
+  Returns:
+    d_fv (K, 3, 3) or None (unless `want_fv`); d_tex or None (unless `want_tex`): for R = 1 the
+    (K, 1, 3) texture gradient, else a pair ((N, K, 3) per-pair colour gradients, (N, K) their
+    texels), which the caller scatter-adds (cheaper than forming (K, R*R, 3) per item).
+  """
+  t = _pair_terms(px, py, lax.stop_gradient(fv), slot_ok, cfg, materialize=True)
+  keep, s = t["keep"], t["s"]
+  zero = jnp.zeros_like(s)
+  g_s, g_zp, d_tex = zero, None, None
+  if want_fv:
+    alpha_mask = keep & t["in_range"] if cfg.drop_alpha_grad_beyond_near_far else keep
+    if cfg.aggr_alpha == "prod":
+      g_s = jnp.where(alpha_mask, g[:, :1] * jax.nn.sigmoid(s), 0.0)
+    elif cfg.aggr_alpha == "sum":
+      sg = jax.nn.sigmoid(s)
+      g_s = jnp.where(alpha_mask, g[:, :1] * (sg * (1.0 - sg)), 0.0)
+  if cfg.has_texture:
+    colour, texel = _texel_colour(tex, t["wc"], keep.shape, cfg)
+    if cfg.aggr_rgb == "softmax":
+      weight, g_col = _softmax_weights(t, m, cfg), g[:, 2:5]
+      if want_fv:
+        ge = (g[:, 1:2] + jnp.einsum("nc,nkc->nk", g_col, colour)) * weight  # d/d log e
+        g_s = g_s + ge * jax.nn.sigmoid(-s)
+        g_zp = ge * (-1.0 / (cfg.gamma * (cfg.far - cfg.near)))
+    else:
+      weight = (ids[None, :] == hard_face[:, None]).astype(s.dtype)
+      g_col = g[:, 1:4]
+    if want_tex:
+      d_col = weight[..., None] * g_col[:, None, :]                      # (N, K, 3)
+      # R = 1: summed here; else per pair with its texel (the caller scatter-adds them).
+      d_tex = jnp.sum(d_col, axis=0)[:, None, :] if texel is None else (d_col, texel)
+  if not want_fv:
+    return None, d_tex
+
+  # s = ±d²/σ in kept pairs (+ inside), d² = min over the three edges' d²_k.
+  g_d2 = jnp.where(keep, g_s * jnp.where(t["inside"], 1.0, -1.0) / cfg.sigma, 0.0)
+  (t0, dx0, dy0, d20), (t1, dx1, dy1, d21), (t2, dx2, dy2, d22) = t["edges"]
+  m01, w0, w1 = _min_weights(d20, d21)
+  _, u01, w2 = _min_weights(m01, d22)
+  # Per pair, the d²_k terms of vertex v (edge v's 1 - t, edge v-1's t) and the zp terms; all
+  # summed over pixels by ONE reduction (XLA CPU would recompute the pair terms for each of
+  # several separate reductions).
+  a = [2.0 * g_d2 * wk for wk in (w0 * u01, w1 * u01, w2)]
+  tt = (t0, t1, t2)
+  dd = ((dx0, dy0), (dx1, dy1), (dx2, dy2))
+  per_pair = []
+  for c in range(2):                                                      # x, y
+    for v in range(3):
+      u = (v - 1) % 3
+      per_pair.append(a[v] * dd[v][c] * (1.0 - tt[v]) + a[u] * dd[u][c] * tt[u])
+  if g_zp is not None:
+    # zp = 1/Σ_c wc_c·(1/z_c) with wc constant: dzp/dz_c = zp²·wc_c/z_c² (0 where undefined).
+    coef = jnp.where(t["zinv_ok"], g_zp * t["zp"] * t["zp"], 0.0)
+    per_pair += [coef * t["wc"][v] for v in range(3)]
+  sums = jnp.stack(_sum_rows(per_pair), -1)                              # (K, 6 or 9)
+  gx, gy = sums[:, 0:3], sums[:, 3:6]
+  if g_zp is None:
+    gz = jnp.zeros_like(gx)
+  else:
+    gz = sums[:, 6:9] * (t["inv_z"] * t["inv_z"])                         # 0 where z = 0
+  d_fv = jnp.stack([gx, gy, gz], -1)                                      # (K, 3 vertices, xyz)
+  return d_fv.astype(fv.dtype), d_tex
 
 
 def _block_sums(px, py, pix_ok, fv, tex, ids, slot_ok, m, hard_face, cfg: _Config):
@@ -244,25 +380,10 @@ def _block_sums(px, py, pix_ok, fv, tex, ids, slot_ok, m, hard_face, cfg: _Confi
 
   e = None
   if (cfg.has_texture and cfg.aggr_rgb == "softmax") or cfg.want_aux:
-    # e_j = D_j·exp((zn_j - M)/γ): the unnormalised softmax weights (softras.md §1.4).
-    zn = (cfg.far - t["zp"]) / (cfg.far - cfg.near)
-    zn_safe = jnp.where(t["contrib"], zn, m[:, None])
-    log_e = (zn_safe - m[:, None]) / cfg.gamma - jax.nn.softplus(-s)     # log(D·e^{(zn-M)/γ})
-    e = jnp.where(t["contrib"], jnp.exp(log_e), 0.0)                     # (N, K)
+    e = _softmax_weights(t, m, cfg)                                       # (N, K)
 
   if cfg.has_texture:
-    r = cfg.texture_res
-    wc = t["wc"]
-    if r == 1:
-      colour = jnp.broadcast_to(tex[None, :, 0, :], keep.shape + (3,))    # (N, K, 3)
-    else:
-      # Pull the lookup point toward the centroid by `texel_eps` (relative): a pixel clipped onto
-      # an edge (some w_c = 0) lies exactly on a fold boundary of SoftRas's lookup, where the CUDA
-      # kernel's choice between two texels is decided by float rounding (softras.md §1.4).
-      shrink, centre = 1.0 - cfg.texel_eps, cfg.texel_eps / 3.0
-      t0 = lax.stop_gradient(wc[0]) * shrink + centre
-      t1 = lax.stop_gradient(wc[1]) * shrink + centre
-      colour = tex[jnp.arange(tex.shape[0])[None, :], texel_index(t0, t1, r)]
+    colour, _ = _texel_colour(tex, t["wc"], keep.shape, cfg)
     if cfg.aggr_rgb == "softmax":
       channels += [jnp.sum(e, axis=1)[:, None], jnp.einsum("nk,nkc->nc", e, colour)]
     else:
@@ -386,22 +507,75 @@ def _overlaps(boxes, ext, tx, ty):
 
   An exact superset of the per-pixel bbox test: the same comparisons against the tile's extreme
   real pixel centres, so every pixel that passes `check_border` for a face is in a listing tile.
+  The render uses the same test split by axis (`_tile_bits`); this form is the tests' reference.
   """
   x_first, x_last, y_last, y_first = (jnp.asarray(a) for a in ext)
   return ((x_last[tx][..., None] >= boxes[..., 0]) & (x_first[tx][..., None] <= boxes[..., 1])
           & (y_first[ty][..., None] >= boxes[..., 2]) & (y_last[ty][..., None] <= boxes[..., 3]))
 
 
+_WORD = 32  # faces per bitmask word of the tile lists
+
+
+def _tile_bits(boxes, cfg: _Config, tile: int, dtype):
+  """Tile lists as bitmasks, separably: (B, nt, W) uint32 words for tile rows and for tile columns.
+
+  Bit f of word w of `rows[b, ty]` is set iff face 32·w + f's box overlaps tile row ty's pixel
+  centres in y (`cols[b, tx]`: tile column tx, in x). Tile (ty, tx) lists exactly the faces set in
+  ``rows[b, ty] & cols[b, tx]``: the same comparisons as `_overlaps`, split by axis.
+  """
+  _, _, _, ext = _tile_grid(cfg, tile, dtype)
+  x_first, x_last, y_last, y_first = (jnp.asarray(a)[:, None] for a in ext)   # (nt, 1)
+  b, f = boxes.shape[:2]
+  nw = -(-f // _WORD)
+  bx = boxes[:, None, :, :]                                               # (B, 1, F, 4)
+  col_hit = (x_last >= bx[..., 0]) & (x_first <= bx[..., 1])              # (B, nt, F)
+  row_hit = (y_first >= bx[..., 2]) & (y_last <= bx[..., 3])
+  shifts = jnp.arange(_WORD, dtype=jnp.uint32)
+
+  def pack(hit):
+    hit = jnp.pad(hit, ((0, 0), (0, 0), (0, nw * _WORD - f)))
+    words = hit.reshape(hit.shape[:2] + (nw, _WORD)).astype(jnp.uint32) << shifts
+    return jnp.sum(words, axis=-1, dtype=jnp.uint32)                      # distinct bits: an OR
+
+  return pack(row_hit), pack(col_hit)
+
+
+def _tile_counts_from_bits(rows, cols):
+  """(B, nt, W) row and column words → (B, nt·nt) int32 faces listed per tile, row-major."""
+  both = rows[:, :, None, :] & cols[:, None, :, :]                        # (B, nt, nt, W)
+  counts = jnp.sum(lax.population_count(both).astype(jnp.int32), axis=-1)
+  return counts.reshape(rows.shape[0], -1)
+
+
 def _tile_counts(boxes, cfg: _Config, tile: int, dtype):
   """(B, nt*nt) int32 number of faces listed by each tile."""
-  nt, _, _, ext = _tile_grid(cfg, tile, dtype)
-  tiles = np.arange(nt * nt)
-  ty, tx = jnp.asarray(tiles // nt), jnp.asarray(tiles % nt)
+  return _tile_counts_from_bits(*_tile_bits(boxes, cfg, tile, dtype))
 
-  def per_image(boxes_b):
-    return jnp.sum(_overlaps(boxes_b[None], ext, tx, ty), axis=-1, dtype=jnp.int32)
 
-  return lax.map(per_image, boxes)
+def _select_bits(words, ranks, num_faces):
+  """Face ids of the listed faces with the given ranks: the `ranks[c, j]`-th set bit of words[c].
+
+  Args:
+    words: (C, W) uint32 bitmasks of listed faces (bit f of word w: face 32·w + f).
+    ranks: (C, K) int32 0-based ranks in face-index order.
+    num_faces: F, returned for ranks beyond the list (padding slots).
+  Returns:
+    (C, K) int32 face ids, in increasing order along K for increasing ranks.
+  """
+  nw = words.shape[1]
+  pc = lax.population_count(words).astype(jnp.int32)
+  cum = jnp.cumsum(pc, axis=1)                                            # inclusive, (C, W)
+  ok = ranks < cum[:, -1:]
+  w = jnp.sum(cum[:, None, :] <= ranks[:, :, None], axis=-1, dtype=jnp.int32)  # the rank's word
+  w = jnp.minimum(w, nw - 1)
+  q = ranks - jnp.take_along_axis(cum - pc, w, axis=1)                    # rank within the word
+  wd = jnp.take_along_axis(words, w, axis=1)
+  # The q-th set bit sits at the number of low masks [0, i] holding at most q set bits.
+  low = jnp.asarray((np.uint64(2) << np.arange(_WORD - 1, dtype=np.uint64)) - 1, jnp.uint32)
+  below = lax.population_count(wd[..., None] & low).astype(jnp.int32)    # (C, K, 31)
+  pos = jnp.sum(below <= q[..., None], axis=-1, dtype=jnp.int32)
+  return jnp.where(ok, w * _WORD + pos, num_faces)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -409,9 +583,11 @@ class _Plan:
   """Everything about one tiled render that is fixed before the differentiable part (a pytree:
   the face boxes and per-tile counts are its leaves, the settings its static part)."""
 
-  def __init__(self, cfg: _Config, tiling: _Tiling, b: int, f: int, dtype, boxes, counts, item_end):
+  def __init__(self, cfg: _Config, tiling: _Tiling, b: int, f: int, dtype, rows, cols, counts,
+               item_end):
     self.cfg, self.tiling, self.b, self.f, self.dtype = cfg, tiling, b, f, dtype
-    self.boxes, self.counts = boxes, counts                               # (B, F, 4), (G,)
+    self.rows, self.cols = rows, cols          # (B, nt, W) uint32: faces listed per tile row / column
+    self.counts = counts                                                  # (G,)
     self.item_end = item_end  # (G,) inclusive cumsum of items: tile g owns [end - items, end)
     self.nt, xs_ext, ys_ext, self.ext = _tile_grid(cfg, tiling.tile, dtype)
     self.xs_ext, self.ys_ext = jnp.asarray(xs_ext), jnp.asarray(ys_ext)
@@ -432,13 +608,14 @@ class _Plan:
 
   @classmethod
   def build(cls, fv, cfg: _Config, tiling: _Tiling):
-    boxes = _face_boxes(fv, cfg)
-    counts = _tile_counts(boxes, cfg, tiling.tile, fv.dtype).reshape(-1)
+    rows, cols = _tile_bits(_face_boxes(fv, cfg), cfg, tiling.tile, fv.dtype)
+    counts = _tile_counts_from_bits(rows, cols).reshape(-1)
     item_end = jnp.cumsum((counts + tiling.k - 1) // tiling.k)
-    return cls(cfg, tiling, fv.shape[0], fv.shape[1], np.dtype(fv.dtype), boxes, counts, item_end)
+    return cls(cfg, tiling, fv.shape[0], fv.shape[1], np.dtype(fv.dtype), rows, cols, counts,
+               item_end)
 
   def tree_flatten(self):
-    return ((self.boxes, self.counts, self.item_end),
+    return ((self.rows, self.cols, self.counts, self.item_end),
             (self.cfg, self.tiling, self.b, self.f, self.dtype))
 
   @classmethod
@@ -455,13 +632,11 @@ class _Plan:
     sub = j - (item_end[g] - items[g])                                    # item index in its tile
     bi, tile_id = g // (self.nt * self.nt), g % (self.nt * self.nt)
     ty, tx = tile_id // self.nt, tile_id % self.nt
-    listed = _overlaps(self.boxes[bi], self.ext, tx, ty)                  # (C, F)
-    rank = jnp.cumsum(listed, axis=1, dtype=jnp.int32) - 1
-    mine = listed & (rank >= sub[:, None] * k) & (rank < sub[:, None] * k + k) & valid[:, None]
-    target = jnp.where(mine, rank - sub[:, None] * k, k)
-    ids = jnp.full((c, k + 1), self.f, jnp.int32)
-    ids = ids.at[jnp.arange(c)[:, None], target].set(
-        jnp.broadcast_to(jnp.arange(self.f, dtype=jnp.int32), (c, self.f)), mode="drop")[:, :k]
+    # The item's faces: the k-th K-slice of the tile's list in face-index order, read off the
+    # tile's bitmask (its row's and column's words ANDed) without scanning all F faces.
+    words = self.rows[bi, ty] & self.cols[bi, tx]                         # (C, W)
+    ranks = sub[:, None] * k + jnp.arange(k, dtype=jnp.int32)[None, :]
+    ids = _select_bits(words, jnp.where(valid[:, None], ranks, self.f), self.f)
     rows = ty[:, None] * t + jnp.arange(t)[None, :]                       # (C, T)
     cols = tx[:, None] * t + jnp.arange(t)[None, :]
     px = jnp.repeat(self.xs_ext[cols][:, None, :], t, axis=1).reshape(c, t * t)
@@ -552,15 +727,25 @@ def _tiled_sums(fv, tex, m_buf, f_buf, plan):
 
 
 def _tiled_sums_fwd(fv, tex, m_buf, f_buf, plan):
-  return _tiled_sums_fwd_loop(fv, tex, m_buf, f_buf, plan), (fv, tex, m_buf, f_buf, plan)
+  # symbolic_zeros: each leaf comes as a CustomVJPPrimal; `perturbed` says whether its gradient is
+  # wanted (e.g. vertices under stop_gradient in a texture loss), so the backward can skip it.
+  value = lambda tree: jax.tree_util.tree_map(
+      lambda a: a.value, tree, is_leaf=lambda a: isinstance(a, jax.custom_derivatives.CustomVJPPrimal))
+  want = (bool(fv.perturbed), bool(tex.perturbed))
+  fv, tex, m_buf, f_buf, plan = (value(a) for a in (fv, tex, m_buf, f_buf, plan))
+  return _tiled_sums_fwd_loop(fv, tex, m_buf, f_buf, plan), (fv, tex, m_buf, f_buf, plan, want)
 
 
 def _tiled_sums_bwd(res, cotangents):
   """Recompute each chunk's pairs and pull the pixel cotangents back to its faces (SoftRas's
   backward kernel structure: no per-pair state is kept between the passes)."""
-  fv, tex, m_buf, f_buf, plan = res
+  fv, tex, m_buf, f_buf, plan, (want_fv, want_tex) = res
   g_acc = cotangents[0]
   cfg = plan.cfg
+  if not cfg.has_texture:
+    want_tex = False  # tex is the zeros placeholder of an alpha-only render
+  if isinstance(g_acc, jax.custom_derivatives.SymbolicZero) or not (want_fv or want_tex):
+    want_fv = want_tex = False
   fv_pad, tex_pad = _pad_faces(fv, tex)
 
   def body(i, carry):
@@ -568,17 +753,37 @@ def _tiled_sums_bwd(res, cotangents):
     bi, ids, ok, px, py, pix, pix_ok = plan.chunk(i)
     m = m_buf.at[pix].get(mode="fill", fill_value=0)
     hard = f_buf.at[pix].get(mode="fill", fill_value=_NO_FACE)
-    _, vjp = jax.vjp(lambda a, t: _chunk_sums(a, t, ids, ok, px, py, pix_ok, m, hard, cfg)[0],
-                     fv_pad[bi[:, None], ids], tex_pad[bi[:, None], ids])
-    d_fv, d_tex = vjp(g_acc.at[pix].get(mode="fill", fill_value=0))
-    return g_fv.at[bi[:, None], ids].add(d_fv), g_tex.at[bi[:, None], ids].add(d_tex)
+    fv_k, tex_k = fv_pad[bi[:, None], ids], tex_pad[bi[:, None], ids]
+    g = g_acc.at[pix].get(mode="fill", fill_value=0)
+    if _hand_vjp_ok(cfg):
+      d_fv, d_tex = jax.vmap(
+          lambda px_, py_, fv_, tex_, ids_, ok_, m_, h_, g_: _block_sums_vjp(
+              px_, py_, fv_, tex_, ids_, ok_, m_, h_, g_, cfg, want_fv, want_tex))(
+                  px, py, fv_k, tex_k, ids, ok, m, hard, g)
+    else:
+      sums = lambda a, t: _chunk_sums(a, t, ids, ok, px, py, pix_ok, m, hard, cfg)[0]
+      if want_fv and want_tex:
+        d_fv, d_tex = jax.vjp(sums, fv_k, tex_k)[1](g)
+      elif want_fv:
+        (d_fv,), d_tex = jax.vjp(lambda a: sums(a, tex_k), fv_k)[1](g), None
+      else:
+        d_fv, (d_tex,) = None, jax.vjp(lambda t: sums(fv_k, t), tex_k)[1](g)
+    if want_fv:
+      g_fv = g_fv.at[bi[:, None], ids].add(d_fv)
+    if want_tex and isinstance(d_tex, tuple):
+      d_col, texel = d_tex                                                # (C, N, K, 3), (C, N, K)
+      g_tex = g_tex.at[bi[:, None, None], ids[:, None, :], texel].add(d_col)
+    elif want_tex:
+      g_tex = g_tex.at[bi[:, None], ids].add(d_tex)
+    return g_fv, g_tex
 
-  init = (jnp.zeros_like(fv_pad), jnp.zeros_like(tex_pad))
-  g_fv, g_tex = lax.fori_loop(0, plan.num_chunks, body, init)
+  g_fv, g_tex = jnp.zeros_like(fv_pad), jnp.zeros_like(tex_pad)
+  if want_fv or want_tex:
+    g_fv, g_tex = lax.fori_loop(0, plan.num_chunks, body, (g_fv, g_tex))
   return g_fv[:, :plan.f], g_tex[:, :plan.f], None, None, None
 
 
-_tiled_sums.defvjp(_tiled_sums_fwd, _tiled_sums_bwd)
+_tiled_sums.defvjp(_tiled_sums_fwd, _tiled_sums_bwd, symbolic_zeros=True)
 
 
 def _render_tiled(fv, tex, cfg: _Config, tiling: _Tiling):
