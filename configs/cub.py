@@ -3,7 +3,7 @@ r"""CUB-200-2011, stage 2 (the full model), with UMR's hyper-parameters plus the
 Command (after converting weights once with `python -m jaxrecon.tools.convert_weights`, see README):
   python -m jaxrecon.main --config=configs/cub.py --workdir=workdir/cub \
     --config.data.cub_dir=/data/CUB_200_2011 --config.data.cub_cache_dir=/data/cmr_cachedir \
-    --config.data.scops_dir=/data/scops \
+    --config.data.scops_dir=/data/scops --config.model.template_dir=workdir/cub_stage1/template \
     --config.weights.resnet18=weights/resnet18.npz --config.weights.perceptual=weights/alexnet.npz \
     --config.weights.inception=weights/pt_inception.npz
 
@@ -11,8 +11,8 @@ Sized for one accelerator with >= 16 GB (batch 16 at 256 px, 8 camera hypotheses
 Without a weights path the encoder starts from random init and the perceptual / FID terms are off,
 each with a logged warning. Expected result (the paper's Table 1, CUB test split): mask IoU 0.769,
 SSIM 0.829 (UMR: 0.734 / 0.812). jaxrecon has not yet been run on CUB: these are the bar, not a
-measured result. The part-probability and vertex-part terms (UMR's 5.0 and 10.0) need the
-semantic template of stage 1, which is not wired yet; they are absent from this config.
+measured result. The template folder comes from configs/cub_stage1.py; the part-probability and
+vertex-part terms (UMR's 5.0 and 10.0) use its part labels and the SCOPS maps.
 """
 
 import ml_collections
@@ -73,6 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
   w.gan = 1.0
   w.variance_lookahead = 1.0       # our choice; the paper gives no weight
   w.fid = 1e-3                     # our choice; the paper gives no weight (batch FID is O(100))
+  w.part_probability = 5.0         # Eq. 14; needs the stage-1 template and SCOPS maps
+  w.part_chamfer = 10.0            # Eq. 13
 
   config.optim.learning_rate = 1e-4
   config.optim.decay = 5e-4

@@ -95,6 +95,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss_weights.variance_lookahead = 1.0
   config.loss_weights.gan = 0.0         # off on CPU (~10% of the step); configs/cub.py uses UMR's 1.0
   config.loss_weights.symmetry_plane = 0.0   # stage 1's ori_reg (umr.md §2.2)
+  # The semantic terms need the stage-1 template (config.model.template_dir): UMR's 5.0 and 10.0,
+  # set by configs/synthetic_pipeline.py and configs/cub.py.
+  config.loss_weights.part_probability = 0.0   # Eq. 14
+  config.loss_weights.part_chamfer = 0.0       # Eq. 13
+  # Points sampled per image from each part's map for Eq. 13 (UMR: head 10, belly 30; neck and back
+  # have weight 0 in UMR).
+  config.part_points = ml_collections.ConfigDict({"head": 10, "neck": 0, "back": 0, "belly": 30})
   # term -> (first step, stop step or None): a term counts only inside its window (train.loss_weight).
   config.loss_steps = ml_collections.ConfigDict()
 

@@ -24,4 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.stage2 = synthetic.get_config()
   # On the learned template the shape starts close: UMR's stage-2 deformation weight.
   config.stage2.loss_weights.deform = 1.0
+  # The semantic terms of the template's parts (Eq. 13-14), UMR's weights.
+  config.stage2.loss_weights.part_probability = 5.0
+  config.stage2.loss_weights.part_chamfer = 10.0
   return config

@@ -208,6 +208,32 @@ def part_probability_loss(rendered_parts, part_maps, weights: Sequence[float] = 
   return (appearance + landmark) / 4.0
 
 
+def sample_part_points(key, probs, num_points: int, oversample: float = 1.5, eps: float = 1e-6):
+  """UMR's part point sampling (`utils/image.py:168-206`): draw ⌈oversample·n⌉ pixels from a part's
+  probability map (multinomial) and keep the n closest to the part's centroid.
+
+  Args:
+    key: a PRNG key; probs: (B, S, S) one part's probabilities (any non-negative scale).
+  Returns:
+    points (B, n, 2) at pixel centres in image coordinates (x right, y down, [-1, 1], the
+    convention of `camera.project`), and valid (B, n): False for images where the part is absent.
+  """
+  b, s = probs.shape[:2]
+  draws = int(np.ceil(num_points * oversample))
+  flat = probs.reshape(b, s * s)
+  logits = jnp.log(jnp.maximum(flat, 0.0) + 1e-30)
+  index = jax.random.categorical(key, logits, axis=-1, shape=(draws, b)).T          # (B, draws)
+  centres = (2 * jnp.arange(s, dtype=probs.dtype) + 1) / s - 1
+  xy = jnp.stack([centres[index % s], centres[index // s]], -1)                     # (B, draws, 2)
+  mass = jnp.sum(flat, -1, keepdims=True)
+  grid_x, grid_y = jnp.tile(centres, s), jnp.repeat(centres, s)
+  centroid = jnp.stack([flat @ grid_x, flat @ grid_y], -1) / jnp.maximum(mass, eps)   # (B, 2)
+  distance = jnp.sum((xy - centroid[:, None]) ** 2, -1)
+  _, keep = jax.lax.top_k(-distance, num_points)
+  points = jnp.take_along_axis(xy, keep[..., None], axis=1)
+  return jax.lax.stop_gradient(points), jnp.broadcast_to(mass > eps, (b, num_points))
+
+
 def vertex_part_chamfer(projected, points, point_mask):
   """The vertex-based semantic loss (Eq. 13, UMR's `CorrLossChamfer`): one-directional squared
   Chamfer distance from each projected part vertex to the nearest sampled part point. (B,)

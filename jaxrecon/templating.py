@@ -129,6 +129,8 @@ def quality(config, learned: template_lib.Template, sphere) -> dict:
     template/part_agreement   fraction of template vertices whose label equals the ground-truth
                               majority label of the nearest ground-truth mean-shape vertex, after the
                               same alignment
+    template/part_agreement_constant   the same for the best constant label (the majority
+                              ground-truth label of those vertices): the chance level to beat
   """
   from jaxrecon.metrics import shape as shape_metrics  # pylint: disable=g-import-not-at-top
   gt_mean, gt_labels = ground_truth(config, "train", max_images=config.template.semantic_images)
@@ -136,6 +138,8 @@ def quality(config, learned: template_lib.Template, sphere) -> dict:
   chamfer_learned, aligned = shape_metrics.symmetric_frame_chamfer(learned.vertices, gt_mean)
   target = np.asarray(shape_metrics.normalize_shape(jnp.asarray(gt_mean)[None])[0])
   nearest = np.argmin(((np.asarray(aligned)[:, None] - target[None]) ** 2).sum(-1), axis=1)
-  agreement = float(np.mean(learned.vertex_parts == gt_labels[nearest]))
+  truth = gt_labels[nearest]
+  agreement = float(np.mean(learned.vertex_parts == truth))
+  constant = float(np.max(np.bincount(truth)) / truth.size)
   return {"template/chamfer_sphere": float(chamfer_sphere), "template/chamfer_learned": float(chamfer_learned),
-          "template/part_agreement": agreement}
+          "template/part_agreement": agreement, "template/part_agreement_constant": constant}

@@ -37,6 +37,7 @@ from absl import logging
 from jaxrecon import components, evaluation, losses, ops, templating
 from jaxrecon import template as template_lib
 from jaxrecon.data import pipeline
+from jaxrecon.geometry import camera
 from jaxrecon.metrics import fid
 from jaxrecon.models import inception, perceptual, reconstructor
 from jaxrecon.models import weights as weights_lib
@@ -73,6 +74,32 @@ def loss_weight(config, term: str, step):
   if stop is not None:
     active = jnp.logical_and(active, step < stop)
   return jnp.where(active, weight, 0.0)
+
+
+def part_setup(config, sphere):
+  """The constants of the semantic terms (Eq. 13-14) from the template folder, or None when both
+  weights are 0. A positive weight without `config.model.template_dir` is an error: the terms are
+  defined by the stage-1 template's part labels."""
+  w = config.loss_weights
+  if w.get("part_probability", 0) <= 0 and w.get("part_chamfer", 0) <= 0:
+    return None
+  learned = components.load_template(config, sphere)
+  if learned is None:
+    raise ValueError("config.loss_weights.part_probability/part_chamfer > 0 need the stage-1 template: set "
+                     f"--config.model.template_dir ({template_lib.STAGE1_HINT}), or set both weights to 0")
+  one_hot = np.eye(5, dtype=np.float32)[learned.face_parts][:, 1:]            # (F, 4): head, neck, back, belly
+  names = learned.part_names[1:]
+  empty = [n for n in names if config.part_points.get(n, 0) > 0 and learned.part_vertices[n].size == 0]
+  if empty and w.get("part_chamfer", 0) > 0:
+    logging.warning("The template in %s labels no vertex as %s: Eq. 13 skips those parts (a longer stage 1 "
+                    "usually finds them)", config.model.template_dir, ", ".join(empty))
+  return {
+      "face_rgb": one_hot[:, None, :3],                                       # (F, 1, 3): flat per-face textures
+      "face_fourth": np.repeat(one_hot[:, None, 3:], 3, -1),
+      "template_vertices": learned.vertices,
+      "vertex_lists": [learned.part_vertices[n] for n in names],
+      "num_points": [int(config.part_points.get(n, 0)) for n in names],
+  }
 
 
 def learning_rate(config):
@@ -160,6 +187,7 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
   rasterize = components.make_rasterizer(config)
 
   screen_faces = components.make_screen_faces(config, faces)
+  parts = part_setup(config, sphere)
 
   def sample_colours(image, flow, variance):
     if config.variance.mode == "none" or variance is None:
@@ -241,6 +269,30 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
       features = lambda x: net.apply(frozen["texture_perceptual"], perceptual.lpips_input(x))
       terms["texture_perceptual"] = losses.perceptual_texture_loss(
           rgba[..., :3], sil_best, image, mask, features, perceptual.perceptual_distance)
+
+    if parts is not None:
+      part_maps = batch["parts"]
+      if w.part_probability > 0:
+        # Eq. 14: the template's part labels rendered on the predicted shape from the (detached)
+        # chosen camera vs the image's part maps; the shape gets the gradient (UMR).
+        shape_faces = screen_faces(pred.vertices, cam)
+        three = rasterize(shape_faces, jnp.broadcast_to(parts["face_rgb"], (b,) + parts["face_rgb"].shape))
+        fourth = rasterize(shape_faces, jnp.broadcast_to(parts["face_fourth"], (b,) + parts["face_fourth"].shape))
+        rendered = jnp.concatenate([three[..., :3], fourth[..., :1]], -1)
+        terms["part_probability"] = losses.part_probability_loss(rendered, part_maps)
+      if w.part_chamfer > 0:
+        # Eq. 13: each part's template vertices, projected by every hypothesis (gradients to the
+        # cameras only), to the nearest of the points sampled from that part's map; weighted by the
+        # detached hypothesis probabilities (UMR's CorrLossChamfer).
+        chamfer = 0.0
+        for k, (index, count) in enumerate(zip(parts["vertex_lists"], parts["num_points"])):
+          if count == 0 or index.size == 0:
+            continue
+          points, valid = losses.sample_part_points(jax.random.fold_in(key, 100 + k), part_maps[..., k + 1], count)
+          xy, _ = camera.project(jnp.asarray(parts["template_vertices"][index]), pred.cam_hypotheses)  # (B, H, N, 2)
+          per_h = jax.vmap(losses.vertex_part_chamfer, in_axes=(1, None, None), out_axes=1)(xy, points, valid)
+          chamfer = chamfer + jnp.sum(per_h * jax.lax.stop_gradient(pred.cam_probs), axis=1)
+        terms["part_chamfer"] = jnp.broadcast_to(chamfer, (b,))
 
     if w.gan > 0 or "fid" in on:
       novel_key, gp_key = jax.random.split(key)
@@ -438,11 +490,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
   images_every = config.get("log_images_every", 0)
   visualise = evaluation.make_visualise(config, model, sphere) if images_every and writer is not None else None
+  train_keys = components.TRAIN_KEYS + (("parts",) if part_setup(config, sphere) is not None else ())
   start_step = int(state.step)
   history = []
   t0, last_log, last_step = time.time(), time.time(), start_step
   for step in range(start_step, config.num_train_steps):
-    local = {k: v for k, v in next(data_iter).items() if k in components.TRAIN_KEYS}
+    local = {k: v for k, v in next(data_iter).items() if k in train_keys}
     batch = pipeline.global_batch(local, data_sharding)
     state, metrics = p_train_step(state, batch, frozen)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -62,8 +62,7 @@ def _oracle_uv_flow(example, hu=32, wu=64):
 def test_averaged_part_maps_recover_the_generators_part_labels():
   """With the true UV flow, the dataset-averaged UV part map labels most vertices as the generator
   does (0.97 measured, vs 0.30 with a wrong flow): this checks the sampling, averaging and majority
-  votes end to end (the learned flow of a
-  stage-1 model is measured in BENCHMARKS.md)."""
+  votes end to end (the learned flow of a stage-1 model is measured in BENCHMARKS.md)."""
   examples = synthetic.make_examples(0, "train", range(12), synthetic.RenderSettings(image_size=64))
   parts = np.stack([e["parts"] for e in examples]).astype(np.float32) / 255
   flows = np.stack([_oracle_uv_flow(e) for e in examples]).astype(np.float32)
