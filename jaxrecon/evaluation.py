@@ -1,49 +1,193 @@
 """Evaluation and visualisation of a trained reconstructor (floor 3).
 
-`make_eval_step` (per-image metrics under the documented protocol), `evaluate` (every image of a
-split, means keyed 'eval/<split>/<metric>'), `make_visualise` (the reconstruction grid) and
+`make_eval_step` (per-image metrics under a documented protocol), `evaluate` (every image of a
+split, means keyed 'eval/<split>/<metric>', plus FID and keypoint-transfer PCK over the split),
+`make_report` / `markdown_table` (what ``python -m jaxrecon.evaluate`` writes), `restore_model`
+(a workdir's config and latest parameters), `make_visualise` (the reconstruction grid) and
 `log_images` (that grid to TensorBoard and PNG).
+
+Protocols (`PROTOCOLS` holds the strings written next to every result):
+
+* ``default``: the most probable camera hypothesis, no noise, no flips, every image of the split.
+* ``umr_compatible``: UMR's ``experiments/test_iou.py`` (umr.md §4.1, §7.2 and §7.8): each image
+  is flipped horizontally with probability 0.5, the camera hypothesis is *sampled* from the
+  predicted probabilities, the soft (not thresholded) silhouette is scored against the soft mask,
+  and UMR's ``batch_size=32, drop_last=True`` is replicated (only the first ``32·⌊N/32⌋`` images are
+  scored when N >= 32, e.g. 2848 of CUB's 2874). Random draws come from ``jax.random.key(seed)``
+  folded with the batch index, so a seed gives one result. Our network has no VAE noise (UMR
+  samples z at test time; there is nothing to sample here). Only the image metrics of test_iou.py
+  (mask IoU, plus SSIM and texture L1 on the same renders) are reported under this protocol; the
+  others are recorded as skipped. Keypoint-transfer PCK is UMR's separate test_kp.py protocol, which
+  the default protocol's PCK already follows ('flow' mode does not use the camera).
+
+Metric definitions are in `METRICS` (also written into every metrics.json).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
 from jaxrecon import components, losses, ops
+from jaxrecon.geometry import camera as camera_lib
+from jaxrecon.metrics import fid as fid_lib
 from jaxrecon.metrics import image as image_metrics
+from jaxrecon.metrics import keypoints as kp_metrics
 from jaxrecon.metrics import shape as shape_metrics
 
+PROTOCOLS = {
+    "default": ("most probable camera hypothesis (argmax of the predicted probabilities), no noise, "
+                "no flips, every image of the split; soft silhouettes at the dataset resolution"),
+    "umr_compatible": ("UMR experiments/test_iou.py: each image flipped horizontally with p=0.5, the "
+                       "camera hypothesis sampled from the predicted probabilities (seeded), soft "
+                       "silhouette vs soft mask, UMR's batch 32 with drop_last (first 32*floor(N/32) "
+                       "images when N >= 32); mask IoU, SSIM and texture L1 only"),
+}
 
-def make_eval_step(config, model, sphere):
-  """(params, batch_stats, batch) -> per-image metrics and the render, deterministically.
+# The metrics that need the default protocol (skipped under umr_compatible).
+_DEFAULT_ONLY = ("fid", "pck_0.1", "pck_0.15", "camera_error_deg", "chamfer_3d", "f_score", "novel_view_l1",
+                 "novel_view_ssim")
 
-  Protocol: the most probable camera hypothesis (UMR samples one, umr.md §7.2), no noise, no flips;
-  colours sampled from the input by the predicted flow without the variance branch (it only changes
-  gradients). Metrics at the dataset resolution:
-    mask_iou     soft IoU of the rendered silhouette vs the ground-truth mask (`metrics.image.mask_iou`)
-    ssim         SSIM of the render (black background) vs image × mask (`metrics.image.ssim`, σ=1.5)
-    texture_l1   mean |render·silhouette − image·mask| (Eq. 10)
-  and, where the data has 3D ground truth (synthetic: `camera`, `vertices`):
-    camera_error_deg   geodesic angle between the predicted and true camera rotations
-    chamfer_3d         `metrics.shape.chamfer_distance` (squared) between predicted and true
-                       vertices, each in its own camera's view frame, centred, unit RMS radius
-                       (`metrics.shape.align_to_camera_frame`)
+METRICS = {
+    "mask_iou": ("soft IoU sum(p*g)/sum(p+g-p*g) of the rendered silhouette p vs the ground-truth mask "
+                 "g at the dataset resolution, mean over images (UMR test_iou.py; umr.md §4.1)"),
+    "ssim": ("SSIM (skimage convention: Gaussian window sigma=1.5, K1=0.01, K2=0.03, data range 1, "
+             "mean over the valid region and RGB) of the render on black vs image*mask (umr.md §4.3)"),
+    "texture_l1": "mean |render*silhouette - image*mask| over pixels and channels (Eq. 10)",
+    "camera_error_deg": ("geodesic angle (degrees) between the predicted and true camera rotations "
+                         "(synthetic ground truth)"),
+    "chamfer_3d": ("symmetric squared Chamfer distance (sum of the two directional means) between the "
+                   "predicted and true vertices, each rotated into its own camera's view frame, centred "
+                   "and scaled to unit RMS radius (metrics.shape.align_to_camera_frame)"),
+    "f_score": ("F-score at distance {threshold} between the same aligned vertex sets as chamfer_3d "
+                "(Tatarchenko et al. 2019)"),
+    "novel_view_l1": ("held-out views (synthetic): the prediction rendered from the true novel camera "
+                      "expressed relative to the predicted camera (evaluation.relative_novel_camera); "
+                      "sum over GT-mask pixels of m*|render*alpha - novel*m|, divided by 3*sum(m); mean "
+                      "over views and images"),
+    "novel_view_ssim": ("held-out views (synthetic): SSIM map (as ssim) of the render on black vs the "
+                        "true novel view*mask, averaged over the true mask's pixels in the valid region"),
+    "fid": ("Frechet Inception Distance (pytorch-fid InceptionV3 pool3, 2048-d, float64 statistics) "
+            "between renders from random novel views (turned by U(0, 360) degrees about the image's "
+            "vertical axis, Eq. 36; seeded) and the real images*mask, both on black, over the split"),
+    "pck_0.1": ("keypoint-transfer PCK@0.1 (UMR test_kp.py 'flow' mode, umr.md §4.2): {pairs} random "
+                "pairs (RandomState(N).choice, with replacement), both directions, keypoints visible "
+                "in both images, correct when |err|*(1+2*0.05)/2 < 0.1, mean over keypoint types"),
+    "pck_0.15": "as pck_0.1 with threshold 0.15",
+}
+
+
+def metric_definition(name: str, config=None, kp_pairs: int | None = None) -> str:
+  text = METRICS[name]
+  if name == "f_score":
+    text = text.format(threshold=_f_threshold(config) if config is not None else 0.1)
+  if name == "pck_0.1":
+    text = text.format(pairs=kp_pairs if kp_pairs is not None else "N")
+  return text
+
+
+def _f_threshold(config) -> float:
+  return float(config.eval.get("fscore_threshold", 0.1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-batch metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def relative_novel_camera(pred_cam, gt_cam, gt_novel_cam):
+  """The true novel camera expressed relative to the true input camera, applied to the prediction.
+
+  With ``k = s_n / s_g`` (the novel view's re-framing), ``R_rel = R_n R_g⁻¹`` (the novel rotation
+  relative to the input one, in the view frame; shapes are compared in the view frame because the
+  canonical frames of a prediction and the ground truth need not agree):
+
+    s' = k · s_p,   q' = q_rel ⊗ q_p,   t' = k · [R_rel (t_p − t_g, 0)]_xy + t_n
+
+  i.e. the view-frame points of the prediction, ``s_p R_p X + (t_p, 0)``, are rotated by R_rel about
+  the point where the true object's origin appears in the input view (image position t_g, depth 0),
+  scaled by k and moved to the novel view's centring t_n, exactly the map that takes the true
+  object from its input view to its novel view. A perfect prediction (in any weak-perspective gauge
+  ``(s, X) ~ (s/c, c X)``) therefore renders exactly the true novel view.
+
+  Args:
+    pred_cam, gt_cam, gt_novel_cam: (B, 7) ``[s, tx, ty, qw, qx, qy, qz]``.
+  Returns:
+    (B, 7) camera for rendering the predicted shape.
   """
+  q_g = camera_lib.quat_normalize(gt_cam[:, 3:])
+  q_n = camera_lib.quat_normalize(gt_novel_cam[:, 3:])
+  q_rel = camera_lib.quat_multiply(q_n, camera_lib.quat_conjugate(q_g))
+  k = gt_novel_cam[:, :1] / gt_cam[:, :1]
+  offset = jnp.concatenate([pred_cam[:, 1:3] - gt_cam[:, 1:3], jnp.zeros_like(pred_cam[:, :1])], -1)
+  shift = camera_lib.quat_rotate(q_rel, offset[:, None, :])[:, 0, :2]
+  quat = camera_lib.quat_multiply(q_rel, camera_lib.quat_normalize(pred_cam[:, 3:]))
+  return jnp.concatenate([k * pred_cam[:, :1], k * shift + gt_novel_cam[:, 1:3], quat], -1)
+
+
+def masked_ssim(a, b, mask):
+  """SSIM map of (a, b) (`metrics.image.ssim`'s convention) averaged over `mask`'s pixels.
+
+  The map covers the valid region (a 5-pixel border is left out), so the mask is cropped the same
+  way. Images whose cropped mask is empty score 0. (B, H, W, C), (B, H, W, C), (B, H, W, 1) -> (B,).
+  """
+  import dm_pix  # pylint: disable=g-import-not-at-top
+  ssim_map = dm_pix.ssim(a, b, max_val=1.0, filter_size=image_metrics.SSIM_FILTER_SIZE,
+                         filter_sigma=image_metrics.SSIM_FILTER_SIGMA, k1=0.01, k2=0.03, return_map=True)
+  r = image_metrics.SSIM_FILTER_SIZE // 2
+  m = mask[:, r:-r, r:-r, :]
+  weight = jnp.sum(m, axis=(1, 2, 3)) * ssim_map.shape[-1]
+  return jnp.where(weight > 0, jnp.sum(ssim_map * m, axis=(1, 2, 3)) / jnp.maximum(weight, 1e-12), 0.0)
+
+
+def masked_l1_within(render, gt, mask):
+  """Σ m·|render − gt·m| / (3·Σ m) per image: the L1 within the (soft) ground-truth mask."""
+  num = jnp.sum(mask * jnp.abs(render - gt * mask), axis=(1, 2, 3))
+  return num / jnp.maximum(render.shape[-1] * jnp.sum(mask, axis=(1, 2, 3)), 1e-12)
+
+
+def make_eval_step(config, model, sphere, protocol: str = "default"):
+  """(params, batch_stats, batch, key=None) -> (per-image metrics, outputs), deterministic given key.
+
+  Protocols: see the module docstring (`PROTOCOLS`). Colours are sampled from the input by the
+  predicted flow without the variance branch (it only changes gradients). Per-image metrics
+  (definitions in `METRICS`): mask_iou, ssim, texture_l1; under ``default`` and where the batch has
+  synthetic 3D ground truth (`camera`, `vertices`): camera_error_deg, chamfer_3d, f_score; and with
+  held-out views (`novel_views`, `novel_cameras`): novel_view_l1, novel_view_ssim.
+
+  Outputs: render (B, S, S, 4), cam (B, 7), colours, pred, flow (B, F, T², 2) (the per-face flow
+  for keypoint transfer), image (the input as scored, i.e. flipped under umr_compatible) and
+  random_view (B, S, S, 3): the prediction from a random novel camera (Eq. 36) on black, for FID.
+  """
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
   uv_sampler = components.make_uv_sampler(config, sphere)
   rasterize = components.make_rasterizer(config)
-
   screen_faces = components.make_screen_faces(config, sphere.faces)
+  f_threshold = _f_threshold(config)
 
-  def eval_step(params, batch_stats, batch):
+  def eval_step(params, batch_stats, batch, key=None):
     image, mask = batch["image"], batch["mask"]
-    pred = model.apply({"params": params, "batch_stats": batch_stats}, image, train=False)
     b = image.shape[0]
-    cam = pred.cam_hypotheses[jnp.arange(b), jnp.argmax(pred.cam_probs, axis=1)]
+    key = jax.random.key(0) if key is None else key
+    flip_key, cam_key, view_key = jax.random.split(key, 3)
+    if protocol == "umr_compatible":   # UMR's test loaders flip at random (umr.md §7.8)
+      flip = jax.random.bernoulli(flip_key, 0.5, (b,))[:, None, None, None]
+      image = jnp.where(flip, image[:, :, ::-1], image)
+      mask = jnp.where(flip, mask[:, :, ::-1], mask)
+    pred = model.apply({"params": params, "batch_stats": batch_stats}, image, train=False)
+    if protocol == "umr_compatible":   # UMR samples the hypothesis (umr.md §7.2)
+      best = jax.random.categorical(cam_key, jnp.log(jnp.maximum(pred.cam_probs, 1e-30)), axis=1)
+    else:
+      best = jnp.argmax(pred.cam_probs, axis=1)
+    cam = pred.cam_hypotheses[jnp.arange(b), best]
     flow = components.face_flow(pred.uv_flow, uv_sampler)
     colours = ops.grid_sample(image, flow, align_corners=True)
     rgba = rasterize(screen_faces(pred.vertices, cam), colours)
@@ -52,15 +196,357 @@ def make_eval_step(config, model, sphere):
         "ssim": image_metrics.ssim(rgba[..., :3] * rgba[..., 3:], image, mask),
         "texture_l1": losses.masked_l1(rgba[..., :3], rgba[..., 3:], image, mask),
     }
-    if "camera" in batch and "vertices" in batch:
+    if protocol == "default" and "camera" in batch and "vertices" in batch:
       metrics["camera_error_deg"] = shape_metrics.rotation_error_degrees(cam[:, 3:], batch["camera"][:, 3:])
-      metrics["chamfer_3d"] = shape_metrics.chamfer_distance(
-          shape_metrics.align_to_camera_frame(pred.vertices, cam),
-          shape_metrics.align_to_camera_frame(batch["vertices"], batch["camera"]))
-    outputs = {"render": rgba, "cam": cam, "colours": colours, "pred": pred}
+      pred_aligned = shape_metrics.align_to_camera_frame(pred.vertices, cam)
+      gt_aligned = shape_metrics.align_to_camera_frame(batch["vertices"], batch["camera"])
+      metrics["chamfer_3d"] = shape_metrics.chamfer_distance(pred_aligned, gt_aligned)
+      metrics["f_score"] = shape_metrics.f_score(pred_aligned, gt_aligned, f_threshold)
+    if protocol == "default" and "novel_views" in batch and "novel_cameras" in batch:
+      l1s, ssims = [], []
+      for v in range(batch["novel_views"].shape[1]):
+        novel_cam = relative_novel_camera(cam, batch["camera"], batch["novel_cameras"][:, v])
+        view = rasterize(screen_faces(pred.vertices, novel_cam), colours)
+        render = view[..., :3] * view[..., 3:]
+        gt = batch["novel_views"][:, v]
+        gt_rgb, gt_mask = gt[..., :3], gt[..., 3:]
+        l1s.append(masked_l1_within(render, gt_rgb, gt_mask))
+        ssims.append(masked_ssim(render, gt_rgb * gt_mask, gt_mask))
+      metrics["novel_view_l1"] = jnp.mean(jnp.stack(l1s), axis=0)
+      metrics["novel_view_ssim"] = jnp.mean(jnp.stack(ssims), axis=0)
+    random_view = rasterize(screen_faces(pred.vertices, components.random_novel_cameras(view_key, cam)), colours)
+    outputs = {"render": rgba, "cam": cam, "colours": colours, "pred": pred, "flow": flow, "image": image,
+               "random_view": random_view[..., :3] * random_view[..., 3:]}
     return metrics, outputs
 
   return eval_step
+
+
+# ----------------------------------------------------------------------------------------------
+# Split-level metrics: FID and keypoint-transfer PCK
+# ----------------------------------------------------------------------------------------------
+
+
+def make_fid_features(variables):
+  """A jitted (B, H, W, 3) in [0, 1] -> (B, 2048) pool3 feature function of the FID InceptionV3."""
+  from jaxrecon.models import inception  # pylint: disable=g-import-not-at-top
+  net = inception.FIDInceptionV3()
+  return jax.jit(lambda images: net.apply(variables, images))
+
+
+def draw_pairs(num_images: int, num_pairs: int) -> np.ndarray:
+  """UMR's test_kp.py pairs: ``RandomState(N).choice(N, ...)`` with replacement, (num_pairs, 2)."""
+  rng = np.random.RandomState(num_images)
+  return np.stack([rng.choice(num_images, num_pairs), rng.choice(num_images, num_pairs)], -1)
+
+
+def keypoint_faces(keypoints, flows, batch: int = 16) -> np.ndarray:
+  """The face each keypoint picks in its own image, UMR's 'flow' mode (σ = 3 px at 256 px): (N, K) int.
+
+  `metrics.keypoints.transfer_keypoints_flow` returns the picked face's mean *target* flow; with a
+  target "flow" that holds each face's index as its x coordinate it returns that index, so the
+  choice is exactly the metric module's. The choice depends only on the source image, so a split's
+  faces are found once per image and every pair just reads the target's face centres.
+  """
+  n, f, t = flows.shape[:3]
+  index_flow = jnp.broadcast_to(
+      jnp.stack([jnp.arange(f, dtype=jnp.float32), jnp.zeros(f)], -1)[None, :, None, :], (batch, f, t, 2))
+
+  @jax.jit
+  def pick(kp, flow):
+    chosen = kp_metrics.transfer_keypoints_flow(kp, flow.astype(jnp.float32), index_flow, sigma=3.0, image_size=256)
+    return jnp.round(chosen[..., 0]).astype(jnp.int32)
+
+  faces = []
+  for start in range(0, n, batch):
+    kp, flow = keypoints[start:start + batch], flows[start:start + batch]
+    m = kp.shape[0]
+    if m < batch:   # pad to one compiled shape
+      kp = np.concatenate([kp, np.repeat(kp[-1:], batch - m, 0)])
+      flow = np.concatenate([flow, np.repeat(flow[-1:], batch - m, 0)])
+    faces.append(np.asarray(pick(kp, flow))[:m])
+  return np.concatenate(faces)
+
+
+def keypoint_transfer_pck(keypoints, flows, num_pairs: int, alphas=(0.1, 0.15), padding_frac: float = 0.05) -> dict:
+  """UMR's keypoint-transfer PCK (``test_kp.py``, 'flow' mode; umr.md §4.2) over a split.
+
+  For `draw_pairs` pairs (i, j), keypoints move i→j and j→i through the per-face texture flows
+  (`metrics.keypoints.transfer_keypoints_flow`: the face whose source flow samples respond most to a
+  σ = 3 px Gaussian at the keypoint (3 px at 256, the same fraction of any image size), then that
+  face's mean target flow; computed per image by `keypoint_faces`); scored on keypoints visible in
+  both images (`metrics.keypoints.pck`, error scaled by (1 + 2·padding_frac)/2), counts summed over
+  all pairs and both directions, then the mean over keypoint types (`metrics.keypoints.pck_score`).
+
+  Args:
+    keypoints: (N, K, 3) x, y in [-1, 1] image coordinates and visibility.
+    flows: (N, F, T, 2) per-face flow of each image (any float dtype).
+    num_pairs: pairs to draw (UMR's README: 10000).
+  Returns:
+    {'pck_<alpha>': score} and 'num_pairs'.
+  """
+  keypoints = np.asarray(keypoints, np.float32)
+  pairs = draw_pairs(keypoints.shape[0], num_pairs)
+  src = np.concatenate([pairs[:, 0], pairs[:, 1]])
+  tgt = np.concatenate([pairs[:, 1], pairs[:, 0]])
+  faces = keypoint_faces(keypoints, flows)                                 # (N, K)
+  centres = np.asarray(flows, np.float32).mean(axis=2)                    # (N, F, 2)
+  pred = centres[tgt[:, None], faces[src]]                                # (2P, K, 2)
+  visible = keypoints[src, :, 2] * keypoints[tgt, :, 2]
+  result = {}
+  for alpha in alphas:
+    correct, total = kp_metrics.pck(pred, keypoints[tgt], visible, alpha=alpha, padding_frac=padding_frac)
+    result[f"pck_{alpha}"] = float(kp_metrics.pck_score(correct, total))
+  result["num_pairs"] = int(num_pairs)
+  return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The split loop
+# ----------------------------------------------------------------------------------------------
+
+_BATCH_KEYS = ("image", "mask", "camera", "vertices", "novel_views", "novel_cameras")
+UMR_BATCH_SIZE = 32
+
+
+def _has_keypoints(batch) -> bool:
+  return "keypoints" in batch and np.asarray(batch["keypoints"]).shape[-1] == 3
+
+
+def evaluate(config, model, sphere, state, writer=None, split: str | None = None, eval_step=None, *,
+             protocol: str = "default", seed: int = 0, fid_variables=None, kp_pairs: int | None = None,
+             fid_features=None) -> dict:
+  """Every metric over every image of `split` (default `config.eval.split`) under `protocol`.
+
+  Per-image metrics come from `make_eval_step` (pass a jitted one to reuse one compilation across
+  splits; it must have been made with the same `protocol`). Split-level metrics:
+
+  * FID (default protocol only) when Inception weights are available: `fid_variables`, or loaded
+    from ``config.weights.inception``; `fid_features` (a (B, H, W, 3) -> (B, d) function) overrides
+    both (tests). Without any, FID is skipped with a logged message.
+  * Keypoint-transfer PCK@0.1/0.15 (default protocol) when the data has keypoints (CUB, synthetic),
+    over `kp_pairs` pairs (default ``config.eval.kp_pairs``, else UMR's 10000); skipped otherwise.
+
+  Held-out views are used where the split has them (synthetic validation/test; the train split
+  stores all-zero ones, which are ignored).
+
+  Returns:
+    {'eval/<split>/<metric>': mean, 'eval/<split>/num_images': N, 'step': step,
+     'eval_skipped/<split>': {metric: reason}} (the skipped dict is JSON, not a scalar).
+  """
+  split = split or config.eval.split
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
+  eval_step = eval_step or jax.jit(make_eval_step(config, model, sphere, protocol))
+  kp_pairs = int(config.eval.get("kp_pairs", 10000) if kp_pairs is None else kp_pairs)
+  skipped = {}
+
+  if fid_features is None and protocol == "default":
+    if fid_variables is None and config.weights.get("inception"):
+      from jaxrecon.models import weights as weights_lib  # pylint: disable=g-import-not-at-top
+      fid_variables = weights_lib.load_variables(config.weights.inception, "fid_inception")
+    if fid_variables is not None:
+      fid_features = make_fid_features(fid_variables)
+  if protocol != "default":
+    fid_features = None
+    for name in _DEFAULT_ONLY:
+      skipped[name] = f"defined under the default protocol only (this is {protocol})"
+  elif fid_features is None:
+    skipped["fid"] = ("no Inception weights: pass --inception=<converted .npz> (or set "
+                      "config.weights.inception); convert once with python -m jaxrecon.tools.convert_weights "
+                      "--model fid_inception --src pt_inception-2015-12-05-6726825d.pth --out FILE.npz")
+    logging.warning("FID skipped: %s", skipped["fid"])
+
+  loader = components.make_data(config, split, shuffle=False, num_epochs=1, drop_remainder=False)
+  base_key = jax.random.key(seed)
+  values, keypoints, flows = {}, [], []
+  real_stats, fake_stats = fid_lib.StreamingStatistics(), fid_lib.StreamingStatistics()
+  batch_size = None
+  for i, batch in enumerate(loader):
+    if config.eval.max_batches and i >= config.eval.max_batches:
+      break
+    n = batch["image"].shape[0]
+    batch_size = batch_size or n
+    # Pad a short last batch to the batch size (one compilation); the padding is dropped below.
+    inputs = {k: np.asarray(batch[k]) for k in _BATCH_KEYS if k in batch}
+    if "novel_cameras" in inputs and not np.all(inputs["novel_cameras"][..., 0] > 0):
+      inputs.pop("novel_cameras")   # synthetic train split: no held-out views (all zero)
+      inputs.pop("novel_views", None)
+    if n < batch_size:
+      inputs = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - n, 0)]) for k, v in inputs.items()}
+    out, extra = eval_step(state.params, state.batch_stats, {k: jnp.asarray(v) for k, v in inputs.items()},
+                           jax.random.fold_in(base_key, i))
+    for k, v in out.items():
+      values.setdefault(k, []).append(np.asarray(v)[:n])
+    if protocol == "default" and _has_keypoints(batch):
+      keypoints.append(np.asarray(batch["keypoints"], np.float32))
+      flows.append(np.asarray(extra["flow"][:n], np.float16))
+    if fid_features is not None:
+      real = jnp.asarray(inputs["image"] * inputs["mask"])
+      real_stats.update(np.asarray(fid_features(real))[:n])
+      fake_stats.update(np.asarray(fid_features(extra["random_view"]))[:n])
+  if not values:
+    raise ValueError(f"split {split!r} of {config.data.dataset} has no images")
+
+  per_image = {k: np.concatenate(v) for k, v in values.items()}
+  num_images = len(per_image["mask_iou"])
+  if protocol == "umr_compatible":
+    if num_images >= UMR_BATCH_SIZE:
+      num_images -= num_images % UMR_BATCH_SIZE
+      per_image = {k: v[:num_images] for k, v in per_image.items()}
+    else:
+      logging.info("umr_compatible: %d images < UMR's batch of %d; all are scored (UMR would score none)",
+                   num_images, UMR_BATCH_SIZE)
+  results = {f"eval/{split}/{k}": float(np.mean(v)) for k, v in per_image.items()}
+
+  if fid_features is not None:
+    if real_stats.count < 2:
+      skipped["fid"] = f"FID needs at least 2 images, the split has {real_stats.count}"
+    else:
+      results[f"eval/{split}/fid"] = fid_lib.frechet_distance(*real_stats.mean_and_covariance(),
+                                                              *fake_stats.mean_and_covariance())
+  if protocol != "default":
+    pass
+  elif keypoints:
+    pck = keypoint_transfer_pck(np.concatenate(keypoints), np.concatenate(flows), kp_pairs)
+    for k in ("pck_0.1", "pck_0.15"):
+      results[f"eval/{split}/{k}"] = pck[k]
+    results[f"eval/{split}/kp_pairs"] = pck["num_pairs"]
+  else:
+    for k in ("pck_0.1", "pck_0.15"):
+      skipped[k] = f"the {config.data.dataset} {split} split has no keypoints"
+    logging.info("PCK skipped: %s", skipped["pck_0.1"])
+  if protocol == "default" and "camera_error_deg" not in per_image:
+    for k in ("camera_error_deg", "chamfer_3d", "f_score"):
+      skipped[k] = "no 3D ground truth (synthetic data only)"
+  if protocol == "default" and "novel_view_l1" not in per_image:
+    for k in ("novel_view_l1", "novel_view_ssim"):
+      skipped[k] = "no held-out views (synthetic validation/test splits only)"
+
+  results[f"eval/{split}/num_images"] = num_images
+  results[f"eval_skipped/{split}"] = skipped
+  results["step"] = int(state.step)
+  if writer is not None:
+    for k, v in results.items():
+      if k.startswith("eval/") and not k.endswith(("num_images", "kp_pairs")):
+        writer.add_scalar(k, v, int(state.step))
+  logging.info("Evaluation on %s (%d images, %s protocol): %s", split, num_images, protocol,
+               {k: round(v, 4) for k, v in results.items() if isinstance(v, float)})
+  return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports (python -m jaxrecon.evaluate)
+# ----------------------------------------------------------------------------------------------
+
+# Table order; anything else evaluated comes after.
+_ORDER = ("mask_iou", "ssim", "texture_l1", "fid", "pck_0.1", "pck_0.15", "camera_error_deg", "chamfer_3d",
+          "f_score", "novel_view_l1", "novel_view_ssim")
+
+
+def make_report(results: dict, config, split: str, protocol: str, seed: int = 0, **info) -> dict:
+  """The metrics.json content: protocol, step, image count and, per metric, value + definition, or
+  status 'skipped' with the reason. `info` adds fields (workdir, checkpoint, ...)."""
+  prefix = f"eval/{split}/"
+  values = {k[len(prefix):]: v for k, v in results.items() if k.startswith(prefix)}
+  kp_pairs = values.pop("kp_pairs", None)
+  num_images = values.pop("num_images")
+  skipped = results.get(f"eval_skipped/{split}", {})
+  names = [m for m in _ORDER if m in values or m in skipped] + sorted(
+      m for m in set(values) | set(skipped) if m not in _ORDER)
+  metrics = {}
+  for name in names:
+    definition = metric_definition(name, config, kp_pairs) if name in METRICS else ""
+    if name in values:
+      metrics[name] = {"value": values[name], "definition": definition}
+    else:
+      metrics[name] = {"status": "skipped", "reason": skipped[name], "definition": definition}
+  return {"split": split, "dataset": config.data.dataset, "protocol": protocol,
+          "protocol_description": PROTOCOLS[protocol], "seed": seed, "step": results["step"],
+          "num_images": num_images, "kp_pairs": kp_pairs, **info, "metrics": metrics}
+
+
+def markdown_table(report: dict) -> str:
+  """A Markdown table of a `make_report` report (a heading line, then | metric | value | notes |)."""
+  lines = [f"Evaluation of step {report['step']} on {report['dataset']} {report['split']} "
+           f"({report['num_images']} images), protocol `{report['protocol']}`: {report['protocol_description']}.",
+           "", "| metric | value | notes |", "|---|---|---|"]
+  for name, m in report["metrics"].items():
+    if "value" in m:
+      lines.append(f"| {name} | {m['value']:.4f} | |")
+    else:
+      lines.append(f"| {name} | skipped | {m['reason']} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out_dir: str) -> tuple[str, str]:
+  """Write metrics.json and metrics.md into out_dir; returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  json_path, md_path = os.path.join(out_dir, "metrics.json"), os.path.join(out_dir, "metrics.md")
+  with open(json_path, "w") as f:
+    json.dump(report, f, indent=1)
+  with open(md_path, "w") as f:
+    f.write(markdown_table(report))
+  return json_path, md_path
+
+
+# ----------------------------------------------------------------------------------------------
+# Restoring a trained model
+# ----------------------------------------------------------------------------------------------
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run wrote to <workdir>/config.json (lists where the original had tuples)."""
+  from jaxrecon import train  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, train.CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: --workdir={workdir} is not a jaxrecon training directory "
+                            "(python -m jaxrecon.main writes config.json there); pass --config=configs/... "
+                            "to give the config explicitly")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_model(workdir: str, config):
+  """The network of `config` and the latest checkpoint's parameters in <workdir>/checkpoints.
+
+  Only params, batch_stats and step are read (the checkpoint is restored without the optimiser's
+  structure, so evaluation does not depend on how training was set up).
+
+  Returns:
+    (sphere, model, state) with state.params, state.batch_stats, state.step.
+  Raises:
+    FileNotFoundError: no checkpoint in the workdir (the message names it).
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  from jaxrecon import train  # pylint: disable=g-import-not-at-top
+  from jaxrecon.geometry import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"no checkpoints in --workdir={workdir} ({ckpt_dir} does not exist): train first "
+                            "with python -m jaxrecon.main --config=... --workdir=" + workdir)
+  manager = train.checkpoint_manager(workdir)
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoints in --workdir={workdir} ({ckpt_dir} is empty): train first")
+  sphere = mesh_lib.symmetric_sphere(config.mesh.subdivisions)
+  model = components.make_model(config, sphere)
+  s = config.data.image_size
+  like = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, s, s, 3)), train=False))
+  abstract = {"params": like["params"], "batch_stats": like["batch_stats"],
+              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(abstract, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(
+          sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), abstract), partial_restore=True)))["state"]
+  state = types.SimpleNamespace(params=restored["params"], batch_stats=restored["batch_stats"],
+                                step=int(restored["step"]))
+  return sphere, model, state
+
+
+# ----------------------------------------------------------------------------------------------
+# Visualisation
+# ----------------------------------------------------------------------------------------------
 
 
 def make_visualise(config, model, sphere, num_novel: int = 2):
@@ -114,31 +600,3 @@ def log_images(visualise, state, local_batch, writer, workdir, step, count):
   os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
   from PIL import Image  # pylint: disable=g-import-not-at-top
   Image.fromarray(np.round(grid * 255).astype(np.uint8)).save(os.path.join(workdir, "images", f"step_{step:06d}.png"))
-
-
-def evaluate(config, model, sphere, state, writer=None, split: str | None = None, eval_step=None) -> dict:
-  """Mask IoU, SSIM and texture L1 over every image of `split` (default `config.eval.split`), with the
-  protocol of `make_eval_step` (pass a jitted `eval_step` to reuse one compilation across splits).
-  Keys: 'eval/<split>/<metric>' (means), the image count and the step."""
-  split = split or config.eval.split
-  eval_step = eval_step or jax.jit(make_eval_step(config, model, sphere))
-  loader = components.make_data(config, split, shuffle=False, num_epochs=1, drop_remainder=False)
-  values = {}
-  for i, batch in enumerate(loader):
-    if config.eval.max_batches and i >= config.eval.max_batches:
-      break
-    keys = [k for k in ("image", "mask", "camera", "vertices") if k in batch]
-    out, _ = eval_step(state.params, state.batch_stats, {k: jnp.asarray(batch[k]) for k in keys})
-    for k, v in out.items():
-      values.setdefault(k, []).append(np.asarray(v))
-  per_image = {k: np.concatenate(v) for k, v in values.items()}
-  results = {f"eval/{split}/{k}": float(np.mean(v)) for k, v in per_image.items()}
-  results[f"eval/{split}/num_images"] = len(per_image["mask_iou"])
-  results["step"] = int(state.step)
-  if writer is not None:
-    for k, v in results.items():
-      if k.startswith("eval/") and not k.endswith("num_images"):
-        writer.add_scalar(k, v, int(state.step))
-  logging.info("Evaluation on %s (%d images): %s", split, results[f"eval/{split}/num_images"],
-               {k: round(v, 4) for k, v in results.items() if isinstance(v, float)})
-  return results
