@@ -1,16 +1,23 @@
 """The learned template V_temp and its semantic parts (paper §3 "two stages", §4.1; umr.md §2.2, §2.4).
 
 Stage 1 learns V_temp from the sphere; from the stage-1 model, the part probability maps of the
-training images (SCOPS for CUB, the generator's maps for `synthetic_birds`) are carried into UV
-space by the predicted UV flow and averaged over the dataset; every face then takes the majority
-label of its texels and every vertex the majority label of its faces. Stage 2 reads the result by
-path (`config.model.template_dir`).
+training images (SCOPS for CUB, the generator's maps for `synthetic_birds`) give every vertex and
+face a part label, in one of two ways (`labels_from` in template.json):
 
-Averaging: a plain mean over every training image (UMR instead sums the 5 images per batch nearest
-to one exemplar, umr.md §2.4; the plain mean needs no perceptual network and no exemplar search, and
-its labels are measured against the generator's ground truth in BENCHMARKS.md). Texels whose flow
-lands on the background contribute background probability, so labels are taken over the foreground
-parts only: every surface point belongs to some part.
+* 'vertex_projection' (default): each image's predicted vertices, projected by its predicted
+  camera, read the part map where they land, if visible (not behind the rendered surface); the
+  reads are summed over the dataset and over mirror pairs; a vertex takes the largest foreground
+  part, a face the largest of its corners' summed reads. This uses the shape and camera, which
+  stage 1 learns first.
+* 'uv_flow' (UMR's route, umr.md §2.4): the part maps are carried into UV space by the predicted
+  texture flow and averaged; a face takes the majority label of its texels, a vertex that of its
+  faces. It needs a good texture flow; after a short stage 1 it labels worse (BENCHMARKS.md).
+
+Either way the UV map of the flow route is saved too. Averaging is a plain mean over every training
+image (UMR sums the 5 images per batch nearest to one exemplar; the mean needs no perceptual network
+and no exemplar search, and its labels are measured against the generator's ground truth in
+BENCHMARKS.md). Labels are taken over the foreground parts only: every surface point belongs to
+some part.
 
 One folder, one layout (UMR reads and writes its vertex lists in different places, umr.md §2.4):
 
@@ -19,6 +26,7 @@ One folder, one layout (UMR reads and writes its vertex lists in different place
   vertices.npy        (V, 3) float32: the symmetric template
   template.obj        the template mesh, for any viewer
   uv_part_probs.npy   (Hu, Wu, P) float32: the dataset-averaged part probabilities in UV space
+  vertex_part_probs.npy  (V, P) float32: the summed visible reads per vertex ('vertex_projection')
   uv_parts.png        (Hu, Wu) uint8: labels 1..P-1 (0 where no image saw a foreground part)
   face_parts.npy      (F,) int32 labels 1..P-1;  vertex_parts.npy (V,) int32 labels 1..P-1
   part_vertices.json  {part name: [vertex indices]} for parts 1..P-1 (Eq. 13's V_i)
@@ -67,11 +75,27 @@ def foreground_labels(probs, eps: float = 1e-6) -> np.ndarray:
   return np.where(fg.sum(-1) > eps, 1 + np.argmax(fg, -1), 0).astype(np.int32)
 
 
-def _mode(labels: np.ndarray, num_labels: int) -> np.ndarray:
-  """Row-wise majority of (N, K) labels in [0, num_labels); ties go to the lowest label."""
-  counts = np.zeros((labels.shape[0], num_labels), np.int64)
-  np.add.at(counts, (np.arange(labels.shape[0])[:, None], labels), 1)
-  return np.argmax(counts, -1).astype(np.int32)
+def vertex_part_reads(part_maps, xy, visible):
+  """Eq. 13's vertex-part relation read from images: the part probabilities under each projected
+  vertex, kept where the vertex is visible.
+
+  Args:
+    part_maps: (B, S, S, P); xy: (B, V, 2) projected vertices in image coordinates (x right, y down,
+      [-1, 1], pixel centres at (2c+1)/S − 1); visible: (B, V) bool or 0/1.
+  Returns:
+    (V, P): the reads summed over the batch.
+  """
+  reads = ops.grid_sample(jnp.asarray(part_maps), jnp.asarray(xy)[:, :, None, :], align_corners=False)[:, :, 0]
+  return jnp.sum(reads * jnp.asarray(visible, reads.dtype)[..., None], axis=0)
+
+
+def labels_from_vertex_reads(vertex_reads, faces, vertex_mirror=None):
+  """(V, P) summed reads -> ((V,) vertex labels, (F,) face labels), foreground parts 1..P-1; with
+  `vertex_mirror`, mirror pairs pool their reads (the template is symmetric)."""
+  reads = np.asarray(vertex_reads, np.float64)
+  if vertex_mirror is not None:
+    reads = reads + reads[np.asarray(vertex_mirror)]
+  return foreground_labels(reads), foreground_labels(reads[np.asarray(faces)].sum(1))
 
 
 def face_labels(uv_part_probs, uv_sampler) -> np.ndarray:
@@ -122,8 +146,9 @@ class Template:
 
 
 def save(directory: str, mesh: mesh_lib.SymmetricMesh, vertices_half, uv_part_probs, uv_sampler,
-         part_names, provenance: dict | None = None) -> Template:
-  """Label the template's faces and vertices from `uv_part_probs` and write the folder (layout above).
+         part_names, provenance: dict | None = None, vertex_part_probs=None) -> Template:
+  """Label the template's faces and vertices and write the folder (layout above): from
+  `vertex_part_probs` (V, P) when given ('vertex_projection'), else from `uv_part_probs` ('uv_flow').
   Writes template.json last, so a folder with it is complete."""
   vertices_half = np.asarray(vertices_half, np.float32)
   if vertices_half.shape != (mesh.num_half_vertices, 3):
@@ -133,8 +158,13 @@ def save(directory: str, mesh: mesh_lib.SymmetricMesh, vertices_half, uv_part_pr
     raise ValueError(f"uv_part_probs has {uv_part_probs.shape[-1]} channels but {len(part_names)} part names")
   os.makedirs(directory, exist_ok=True)
   vertices = np.asarray(mesh_lib.symmetrize(vertices_half, mesh.num_side), np.float32)
-  faces_l = face_labels(uv_part_probs, uv_sampler)
-  vertex_l = vertex_labels(faces_l, mesh.faces, mesh.num_vertices)
+  if vertex_part_probs is not None:
+    vertex_part_probs = np.asarray(vertex_part_probs, np.float32)
+    vertex_l, faces_l = labels_from_vertex_reads(vertex_part_probs, mesh.faces, mesh.vertex_mirror)
+    np.save(os.path.join(directory, "vertex_part_probs.npy"), vertex_part_probs)
+  else:
+    faces_l = face_labels(uv_part_probs, uv_sampler)
+    vertex_l = vertex_labels(faces_l, mesh.faces, mesh.num_vertices)
   part_vertices = {name: np.flatnonzero(vertex_l == k).astype(np.int32) for k, name in enumerate(part_names) if k}
   np.save(os.path.join(directory, "vertices_half.npy"), vertices_half)
   np.save(os.path.join(directory, "vertices.npy"), vertices)
@@ -152,6 +182,7 @@ def save(directory: str, mesh: mesh_lib.SymmetricMesh, vertices_half, uv_part_pr
       "num_vertices": int(mesh.num_vertices), "num_half_vertices": int(mesh.num_half_vertices),
       "num_faces": int(mesh.num_faces), "faces_sha1": faces_checksum(mesh.faces),
       "part_names": list(part_names), "uv_shape": list(uv_part_probs.shape[:2]),
+      "labels_from": "vertex_projection" if vertex_part_probs is not None else "uv_flow",
       "part_vertex_counts": {k: int(v.size) for k, v in part_vertices.items()},
       "provenance": provenance or {},
   }

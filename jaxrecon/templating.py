@@ -18,6 +18,7 @@ from absl import logging
 from jaxrecon import components
 from jaxrecon import template as template_lib
 from jaxrecon.data import builders
+from jaxrecon.geometry import camera
 
 
 def _images(config, max_images: int, keys=("image",)):
@@ -62,17 +63,41 @@ def mean_offset(config, model, params, batch_stats) -> np.ndarray:
   return (total / count).astype(np.float32)
 
 
-def uv_part_average(config, model, params, batch_stats) -> tuple[np.ndarray, int]:
-  """The part maps of every training image carried into UV space by the predicted flow and averaged
-  (`template.uv_part_probabilities`): ((Hu, Wu, P), number of images)."""
-  forward = _eval_forward(model)
-  total, count = None, 0
+def _part_reader(config, model, sphere):
+  """jit of (params, batch_stats, images, part maps) -> (UV part maps summed (Hu, Wu, P), visible
+  vertex reads summed (V, P)): the predicted flow carries the maps into UV space; the predicted
+  vertices, projected by the most probable hypothesis, read the maps where they are visible (their
+  screen depth within `config.template.visibility_tolerance` of the rendered depth at their pixel)."""
+  rasterize = components.make_rasterizer(config)
+  screen_faces = components.make_screen_faces(config, sphere.faces)
+  s, tol = config.data.image_size, config.template.get("visibility_tolerance", 0.05)
+
+  def read(params, batch_stats, images, part_maps):
+    pred = model.apply({"params": params, "batch_stats": batch_stats}, images, train=False)
+    b = images.shape[0]
+    cam = pred.cam_hypotheses[jnp.arange(b), jnp.argmax(pred.cam_probs, axis=1)]
+    _, aux = rasterize(screen_faces(pred.vertices, cam), jnp.zeros((b, sphere.num_faces, 1, 3)), return_aux=True)
+    xy, depth = camera.project(pred.vertices, cam)                                      # (B, V, 2), (B, V)
+    pixel = jnp.clip(jnp.floor((xy + 1) * s / 2).astype(jnp.int32), 0, s - 1)
+    rendered = aux["depth"][jnp.arange(b)[:, None], pixel[..., 1], pixel[..., 0]]        # (B, V)
+    visible = depth + config.render.depth_offset <= rendered + tol
+    uv = jnp.sum(template_lib.uv_part_probabilities(part_maps, pred.uv_flow), axis=0)
+    return uv, template_lib.vertex_part_reads(part_maps, xy, visible)
+
+  return jax.jit(read)
+
+
+def part_statistics(config, model, sphere, params, batch_stats):
+  """Over `config.template.semantic_images` training images (0: all): the mean UV part map
+  (Hu, Wu, P), the summed visible vertex reads (V, P) and the image count."""
+  read = _part_reader(config, model, sphere)
+  uv_total, vertex_total, count = 0.0, 0.0, 0
   for batch in _images(config, config.template.semantic_images, keys=("image", "parts")):
-    _, flow = forward(params, batch_stats, jnp.asarray(batch["image"]))
-    part = np.asarray(template_lib.uv_part_probabilities(batch["parts"], flow), np.float64).sum(0)
-    total = part if total is None else total + part
-    count += flow.shape[0]
-  return (total / count).astype(np.float32), count
+    uv, reads = read(params, batch_stats, jnp.asarray(batch["image"]), jnp.asarray(batch["parts"]))
+    uv_total = uv_total + np.asarray(uv, np.float64)
+    vertex_total = vertex_total + np.asarray(reads, np.float64)
+    count += batch["image"].shape[0]
+  return (uv_total / count).astype(np.float32), (vertex_total / count).astype(np.float32), count
 
 
 def part_names(config) -> list[str]:
@@ -86,13 +111,17 @@ def export(config, model, sphere, state, directory: str) -> template_lib.Templat
   """Write the stage-1 result: V_temp = the model's template + δ̄, and the semantic labels."""
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
   vertices_half = np.asarray(model.template_half, np.float32) + np.asarray(jax.device_get(state.template_offset))
-  uv_probs, count = uv_part_average(config, model, params, batch_stats)
+  uv_probs, vertex_reads, count = part_statistics(config, model, sphere, params, batch_stats)
+  labelling = config.template.get("labelling", "vertex_projection")
+  if labelling not in ("vertex_projection", "uv_flow"):
+    raise ValueError(f"config.template.labelling must be 'vertex_projection' or 'uv_flow', got {labelling!r}")
   provenance = {"step": int(state.step), "images_averaged": count, "dataset": config.data.dataset,
-                "averaging": "mean over training images of the part maps sampled by the predicted UV flow"}
+                "averaging": "plain mean over the training images"}
   if config.data.dataset == "synthetic":
     provenance["synthetic_config"] = config.data.synthetic_config
   result = template_lib.save(directory, sphere, vertices_half, uv_probs, components.make_uv_sampler(config, sphere),
-                             part_names(config), provenance)
+                             part_names(config), provenance,
+                             vertex_part_probs=vertex_reads if labelling == "vertex_projection" else None)
   logging.info("Wrote the template to %s: %s vertices per part from %d images", directory,
                result.meta["part_vertex_counts"], count)
   return result

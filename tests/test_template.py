@@ -125,3 +125,32 @@ def test_load_errors_name_the_problem(tmp_path):
     template.load(str(tmp_path / "template"), SPHERE)
   with pytest.raises(ValueError, match="vertices_half has shape"):
     template.save(str(tmp_path / "bad"), SPHERE, np.zeros((10, 3)), np.zeros((4, 8, 5)), SPHERE.uv_sampler(2), PARTS)
+
+
+def test_visible_vertex_reads_recover_the_generators_part_labels():
+  """'vertex_projection' labelling with the true shapes and cameras: visible projected vertices
+  read the (imperfect, SCOPS-like) part maps; mirror pairs pool their reads. Measured: 0.96 of the
+  vertices and 0.98 of the faces get the ground-truth majority label."""
+  from jaxrecon import render  # pylint: disable=g-import-not-at-top
+  examples = synthetic.make_examples(0, "train", range(12), synthetic.RenderSettings(image_size=64))
+  parts = np.stack([e["parts"] for e in examples]).astype(np.float32) / 255
+  vertices = np.stack([e["vertices"] for e in examples])
+  cams = np.stack([e["camera"] for e in examples])
+  screen = np.stack([np.asarray(camera.project_to_screen(v, c, 5.0)) for v, c in zip(vertices, cams)])
+  _, aux = render.soft_rasterize(screen[:, SPHERE.faces], np.zeros((12, SPHERE.num_faces, 1, 3), np.float32),
+                                 image_size=64, return_aux=True)
+  xy, depth = (np.asarray(a) for a in camera.project(vertices, cams))
+  pixel = np.clip(np.floor((xy + 1) * 32).astype(int), 0, 63)
+  rendered = np.asarray(aux["depth"])[np.arange(12)[:, None], pixel[..., 1], pixel[..., 0]]
+  visible = depth + 5.0 <= rendered + 0.05
+  assert 0.3 < visible.mean() < 0.8
+  reads = template.vertex_part_reads(parts, xy, visible)
+  vertex_l, face_l = template.labels_from_vertex_reads(reads, SPHERE.faces, SPHERE.vertex_mirror)
+  votes = sum(np.eye(5)[template.vertex_labels(e["face_parts"], SPHERE.faces, SPHERE.num_vertices)]
+              for e in examples)
+  truth = 1 + np.argmax(votes[:, 1:], -1)
+  assert np.mean(vertex_l == truth) > 0.85, np.mean(vertex_l == truth)
+  np.testing.assert_array_equal(vertex_l, vertex_l[SPHERE.vertex_mirror])
+  face_votes = sum(np.eye(5)[e["face_parts"]] for e in examples)
+  face_truth = 1 + np.argmax(face_votes[:, 1:], -1)
+  assert np.mean(face_l == face_truth) > 0.85, np.mean(face_l == face_truth)
