@@ -11,6 +11,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from jaxrecon import distributed
 from jaxrecon import train
 
 FLAGS = flags.FLAGS
@@ -18,11 +19,22 @@ flags.DEFINE_string("workdir", None, "Directory for outputs, checkpoints and log
 config_flags.DEFINE_config_file("config", None, "Configuration file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("compilation_cache", os.path.join("~", ".cache", "jaxrecon", "xla"),
                     "Persistent XLA compilation cache (a rerun skips the ~1-2 min of compilation); '' = off.")
+# Multi-process runs (jaxrecon/distributed.py, launch/README.md). Unset flags fall back to the
+# JAXRECON_* environment variables, then to cluster auto-detection (Slurm, Open MPI, Cloud TPU VM).
+flags.DEFINE_enum("distributed", None, list(distributed.MODES),
+                  f"jax.distributed: auto (default; env {distributed.ENV_MODE}), on, off.")
+flags.DEFINE_string("coordinator", None, f"HOST:PORT of process 0 (env {distributed.ENV_COORDINATOR}).")
+flags.DEFINE_integer("num_processes", None, f"Processes in the cluster (env {distributed.ENV_NUM_PROCESSES}).")
+flags.DEFINE_integer("process_id", None, f"This process's id, 0..N-1 (env {distributed.ENV_PROCESS_ID}).")
+flags.DEFINE_integer("cpu_devices", None, f"CPU devices per process (env {distributed.ENV_CPU_DEVICES}).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # First: nothing may touch devices before jax.distributed is initialised.
+  distributed.initialize(mode=FLAGS.distributed, coordinator=FLAGS.coordinator, num_processes=FLAGS.num_processes,
+                         process_id=FLAGS.process_id, cpu_devices=FLAGS.cpu_devices)
   if FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -34,7 +34,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from jaxrecon import components, evaluation, losses, ops, templating
+from jaxrecon import components, distributed, evaluation, losses, ops, templating
 from jaxrecon import template as template_lib
 from jaxrecon.data import pipeline
 from jaxrecon.geometry import camera
@@ -460,10 +460,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = optax.adam(learning_rate(config), b1=0.9, b2=0.999)
   disc_tx = optax.adam(learning_rate(config), b1=0.5, b2=0.999)
 
-  devices = np.array(jax.devices())
-  if config.batch_size % len(devices):
-    raise ValueError(f"batch_size {config.batch_size} must be divisible by the {len(devices)} devices")
-  mesh = jax.sharding.Mesh(devices, ("data",))
+  # Every process's devices, process by process: process p's local batch is a contiguous block.
+  mesh = distributed.data_mesh()
+  if config.batch_size % mesh.size:
+    raise ValueError(f"batch_size {config.batch_size} must be divisible by the {mesh.size} devices "
+                     f"({jax.process_count()} process(es))")
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
@@ -471,19 +472,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = create_state(config, model, discriminator, tx, disc_tx, (1, s, s, 3))
   params, batch_stats = init_encoder_from_resnet18(config, state.params, state.batch_stats)
   state = state.replace(params=params, batch_stats=batch_stats, opt_state=tx.init(params))
-  state = jax.device_put(state, replicated)
-  frozen = jax.device_put(load_frozen_networks(config), replicated)
+  state = distributed.replicate(state, replicated)   # (device_put refuses PRNG keys across processes)
+  frozen = distributed.replicate(load_frozen_networks(config), replicated)
   train_step, _ = make_train_step(config, model, discriminator, sphere, tx, disc_tx)
   p_train_step = jax.jit(train_step, in_shardings=(replicated, data_sharding, replicated),
                          out_shardings=(replicated, replicated), donate_argnums=(0,))
 
   data_iter = iter(components.make_data(config, "train", shuffle=True, preprocess=[components.AddBarrier()]))
 
+  distributed.barrier("checkpoint manager")   # Orbax syncs the processes through gloo (30 s patience)
   manager = checkpoint_manager(workdir, config.checkpoint.max_to_keep)
   restored = restore_latest(manager, state)
   if restored is not None:
-    state = jax.device_put(restored[0], replicated)
-    data_iter.set_state(restored[1]["data_state"].encode())
+    state = distributed.replicate(restored[0], replicated)
+    # One data iterator state per process (each reads its own shard of the records).
+    data_states = restored[1].get("data_states", [restored[1]["data_state"]])
+    if len(data_states) == jax.process_count():
+      data_iter.set_state(data_states[jax.process_index()].encode())
+    else:
+      logging.warning("The checkpoint was written by %d process(es), this run has %d: the data shards differ, "
+                      "so the data order restarts (the train state is restored exactly).", len(data_states),
+                      jax.process_count())
     logging.info("Resumed from step %d", int(state.step))
 
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -497,6 +506,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for step in range(start_step, config.num_train_steps):
     local = {k: v for k, v in next(data_iter).items() if k in train_keys}
     batch = pipeline.global_batch(local, data_sharding)
+    if step == start_step and jax.process_count() > 1:
+      # Compile first, then wait for every process: the step's collectives would give up on a peer
+      # that is still compiling (gloo waits 30 s).
+      p_train_step = p_train_step.lower(state, batch, frozen).compile()
+      distributed.barrier("train step compiled")
     state, metrics = p_train_step(state, batch, frozen)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     _check_finite(metrics, step)
@@ -518,13 +532,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       evaluation.log_images(visualise, state, local, writer, workdir, done, config.get("log_images_count", 4))
     if learns_template and (done % config.template.update_every == 0 or done == config.num_train_steps):
       offset = templating.mean_offset(config, model, *jax.device_get((state.params, state.batch_stats)))
+      offset = distributed.process_mean(offset).astype(np.float32)   # each process averaged its shard
       moved = float(np.sqrt(np.mean(np.sum((offset - np.asarray(jax.device_get(state.template_offset))) ** 2, -1))))
-      state = state.replace(template_offset=jax.device_put(jnp.asarray(offset), replicated))
+      state = state.replace(template_offset=distributed.replicate(offset, replicated))
       logging.info("step %d: template updated by the mean offset (RMS move %.4f)", done, moved)
     if done % config.checkpoint.every == 0 or done == config.num_train_steps:
+      # Orbax writes JSON from process 0 only: gather every process's iterator state into it.
+      data_states = distributed.allgather_json(data_iter.get_state().decode())
       manager.save(done, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
-          extra=ocp.args.JsonSave({"data_state": data_iter.get_state().decode(), "step": done})))
+          extra=ocp.args.JsonSave({"data_state": data_states[0], "data_states": data_states, "step": done})))
   manager.wait_until_finished()
 
   results = {}
@@ -535,9 +552,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if config.data.dataset == "synthetic":
         results.update(templating.quality(config, learned, sphere))
         logging.info("Template quality: %s", {k: round(v, 4) for k, v in results.items()})
+    distributed.barrier("template written")   # stage 2 (any process) reads what process 0 wrote
   eval_step = jax.jit(evaluation.make_eval_step(config, model, sphere))     # compiled once for every split
+  eval_state, eval_writer = state, writer
+  if jax.process_count() > 1:
+    # Each process evaluates its shard of each split on its own devices (host-local parameters: the
+    # evaluator's inputs are process-local) and the per-image means are combined over processes.
+    eval_state = state.replace(step=jax.device_get(state.step), params=jax.device_get(state.params),
+                               batch_stats=jax.device_get(state.batch_stats))
+    eval_writer = None
   for split in config.eval.get("splits", (config.eval.split,)):
-    results.update(evaluation.evaluate(config, model, sphere, state, writer, split=split, eval_step=eval_step))
+    split_results = evaluation.evaluate(config, model, sphere, eval_state, eval_writer, split=split,
+                                        eval_step=eval_step)
+    if jax.process_count() > 1:
+      split_results = distributed.merge_eval_results(split_results)
+      if writer is not None:
+        for k, v in split_results.items():
+          if k.startswith("eval/") and not k.endswith(("num_images", "kp_pairs")):
+            writer.add_scalar(k, v, int(eval_state.step))
+    results.update(split_results)
   results["train_history"] = history
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
