@@ -11,7 +11,7 @@ texture 3.0 / 3.0, texture cycle 0.5, template update every 5 epochs (~1,865 ste
 100 epochs (our choice; UMR's default is 500 epochs per stage); UMR trains it with batch 64 over
 4 GPUs. Not run by jaxrecon yet. Expected result: the template
 folder <workdir>/template (jaxrecon.template) for configs/cub.py's --config.model.template_dir.
-UMR's silhouette GAN of stage 1 is not implemented (the RGB GAN of stage 2 is).
+The GAN judges silhouettes (novel view vs seen view), as UMR's stage 1.
 """
 
 import ml_collections
@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss_weights = reference.loss_weights
   config.loss_weights.texture_perceptual = 3.0     # UMR's texture loss
   config.loss_weights.texture_l1 = 0.0
+  config.loss_weights.gan = 1.0                    # UMR's silhouette GAN
   epoch = 373                                      # 5,964 training images / 16
   config.template.update_every = 5 * epoch
   config.loss_steps.deform = (5 * epoch, None)

@@ -94,6 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss_weights.texture_cycle = 1.0
   config.loss_weights.variance_lookahead = 1.0
   config.loss_weights.gan = 0.0         # off on CPU (~10% of the step); configs/cub.py uses UMR's 1.0
+  config.gan_input = "rgba"             # what D sees: 'rgba' (stage 2) or 'silhouette' (UMR's stage 1)
   config.loss_weights.symmetry_plane = 0.0   # stage 1's ori_reg (umr.md §2.2)
   # The semantic terms need the stage-1 template (config.model.template_dir): UMR's 5.0 and 10.0,
   # set by configs/synthetic_pipeline.py and configs/cub.py.

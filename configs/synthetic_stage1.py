@@ -31,7 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
   w.texture_l1, w.texture_dt, w.texture_cycle = 3.0, 3.0, 0.5
   w.symmetry_plane = 0.4
   w.camera_entropy = 0.0
-  w.variance_lookahead, w.fid, w.gan = 0.0, 0.0, 0.0
+  w.variance_lookahead, w.fid = 0.0, 0.0
+  # UMR's stage-1 GAN judges silhouettes (weight 1.0); off on CPU like stage 2's, on in cub_stage1.py.
+  config.gan_input = "silhouette"
+  w.gan = 0.0
   config.template.update_every = 100
   # UMR: deformation only after the first update, the symmetry plane only in the first epochs.
   config.loss_steps.deform = (100, None)

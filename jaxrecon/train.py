@@ -188,6 +188,7 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
 
   screen_faces = components.make_screen_faces(config, faces)
   parts = part_setup(config, sphere)
+  gan_on_silhouettes = discriminator_channels(config) == 1
 
   def sample_colours(image, flow, variance):
     if config.variance.mode == "none" or variance is None:
@@ -301,9 +302,14 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
     # Adversarial (Eq. 37-39): a novel view of the predicted shape with detached texture (as UMR) vs
     # real masked images.
     if w.gan > 0:
-      novel = rasterize(novel_faces, jax.lax.stop_gradient(colours))
-      fake = jnp.concatenate([novel[..., :3] * novel[..., 3:], novel[..., 3:]], -1)
-      real_rgba = jnp.concatenate([real, mask], -1)
+      if gan_on_silhouettes:
+        # Stage 1's GAN (umr.md §2.2): the novel view's silhouette vs the seen view's (detached).
+        fake = rasterize(novel_faces, None)[..., 3:]
+        real_rgba = sil_best
+      else:
+        novel = rasterize(novel_faces, jax.lax.stop_gradient(colours))
+        fake = jnp.concatenate([novel[..., :3] * novel[..., 3:], novel[..., 3:]], -1)
+        real_rgba = jnp.concatenate([real, mask], -1)
       disc = lambda p, x: discriminator.apply({"params": p}, x)
       terms["gan"] = losses.generator_loss(disc(jax.lax.stop_gradient(disc_params), fake))
       disc_terms = losses.discriminator_loss(disc(disc_params, real_rgba), disc(disc_params, jax.lax.stop_gradient(fake)))
@@ -368,12 +374,21 @@ def _check_finite(metrics: dict, step: int):
         "Training stopped; the last checkpoint is the last good state.")
 
 
+def discriminator_channels(config) -> int:
+  """What D sees: 4 (RGB on black + silhouette; stage 2, Eq. 37-39) or 1 (silhouettes only, UMR's
+  stage 1), per `config.gan_input` = 'rgba' | 'silhouette'."""
+  gan_input = config.get("gan_input", "rgba")
+  if gan_input not in ("rgba", "silhouette"):
+    raise ValueError(f"config.gan_input must be 'rgba' or 'silhouette', got {gan_input!r}")
+  return 4 if gan_input == "rgba" else 1
+
+
 def create_state(config, model, discriminator, tx, disc_tx, image_shape) -> TrainState:
   key = jax.random.key(config.seed)
   init_key, disc_key, train_key = jax.random.split(key, 3)
   dummy = jnp.zeros(image_shape, jnp.float32)
   variables = model.init(init_key, dummy, train=False)
-  disc_params = discriminator.init(disc_key, jnp.zeros(image_shape[:3] + (4,), jnp.float32))["params"]
+  disc_params = discriminator.init(disc_key, jnp.zeros(image_shape[:3] + (discriminator_channels(config),), jnp.float32))["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                     batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
                     disc_params=disc_params, disc_opt_state=disc_tx.init(disc_params), key=train_key,
@@ -418,11 +433,12 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
   directory = os.path.join(workdir, "template")
   stage1.template.output_dir = directory
   stage1_dir = os.path.join(workdir, "stage1")
+  stage1_history = []
   if template_lib.exists(directory):
     logging.info("Stage 1 is done (%s exists): going on with stage 2", directory)
   else:
     logging.info("Stage 1: learning the template in %s", stage1_dir)
-    train_and_evaluate(stage1, stage1_dir)
+    stage1_history = train_and_evaluate(stage1, stage1_dir)["train_history"]
   stage1_results = {}
   if os.path.exists(os.path.join(stage1_dir, "metrics.json")):
     with open(os.path.join(stage1_dir, "metrics.json")) as f:
@@ -431,9 +447,10 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("Stage 2: the full model on the template in %s", directory)
   results = train_and_evaluate(stage2, os.path.join(workdir, "stage2"))
   results.update(stage1_results)
+  results["stage1/train_history"] = stage1_history    # the steps stage 1 ran in this call
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
-      json.dump({k: v for k, v in results.items() if k != "train_history"}, f, indent=1)
+      json.dump({k: v for k, v in results.items() if not k.endswith("train_history")}, f, indent=1)
   return results
 
 

@@ -25,6 +25,7 @@ def _stage(data_dir, stage1: bool, steps: int):
     config.variance.mode = "none"
     config.loss_weights = reference.loss_weights
     config.loss_steps = ml_collections.ConfigDict({"deform": (4, None), "symmetry_plane": (0, 2)})
+    config.gan_input, config.loss_weights.gan = "silhouette", 0.1     # UMR's stage-1 GAN, covered here
     config.template.update_every = 4
     config.eval.splits = ()
   else:
@@ -57,6 +58,12 @@ def test_stage1_learns_a_template_and_stage2_trains_on_it(pipeline_run):
   assert np.sqrt(np.mean(np.sum((learned.vertices_half - start) ** 2, -1))) > 1e-3
   assert 0.0 <= results["stage1/template/part_agreement"] <= 1.0
   assert learned.meta["provenance"]["step"] == 6 and learned.meta["provenance"]["images_averaged"] > 0
+  assert learned.meta["labels_from"] == "vertex_projection"
+  assert len(results["stage1/train_history"]) == 6
+  for h in results["stage1/train_history"]:     # the silhouette GAN and its discriminator trained
+    assert np.isfinite(h["gan"]) and np.isfinite(h["discriminator"]) and h["discriminator"] > 0
+  with open(os.path.join(workdir, "stage1", "config.json")) as f:
+    assert json.load(f)["gan_input"] == "silhouette"
   # Stage 2 used it: its model's template is the folder's, and the semantic terms trained.
   with open(os.path.join(workdir, "stage2", "config.json")) as f:
     assert json.load(f)["model"]["template_dir"] == directory
