@@ -20,7 +20,9 @@ def test_config_loads_and_states_its_command(name):
   assert "python -m jaxrecon.main --config=configs/" in doc
   assert "Expected result" in doc
   config = module.get_config()
-  assert config.batch_size > 0 and config.data.image_size >= 64
+  stages = [config.stage1, config.stage2] if config.get("job") == "pipeline" else [config]
+  for stage in stages:
+    assert stage.batch_size > 0 and stage.data.image_size >= 64
 
 
 def test_cub_config_trains_from_cub_files(tmp_path):
