@@ -5,7 +5,7 @@ Command (after converting weights once with `python -m jaxrecon.tools.convert_we
     --config.data.cub_dir=/data/CUB_200_2011 --config.data.cub_cache_dir=/data/cmr_cachedir \
     --config.data.scops_dir=/data/scops --config.model.template_dir=workdir/cub_stage1/template \
     --config.weights.resnet18=weights/resnet18.npz --config.weights.perceptual=weights/alexnet.npz \
-    --config.weights.inception=weights/pt_inception.npz
+    --config.weights.inception=weights/fid_inception.npz
 
 Sized for one accelerator with >= 16 GB (batch 16 at 256 px, 8 camera hypotheses, 1280 faces).
 Without a weights path the encoder starts from random init and the perceptual / FID terms are off,
@@ -81,4 +81,5 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval.split = "test"
   config.eval.splits = ("test",)
+  config.eval.sigma = 1e-5              # UMR's test_iou.py renders with its training sigma, 1e-5 at 256 px
   return config
