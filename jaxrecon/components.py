@@ -59,10 +59,18 @@ def make_model(config, sphere: mesh_lib.SymmetricMesh) -> reconstructor.Reconstr
       initial_quaternions=initial_camera_quaternions(config))
 
 
-def make_rasterizer(config):
-  """`render.soft_rasterize` with the config's image size and SoftRas settings (`config.render`)."""
+def make_rasterizer(config, for_evaluation: bool = False):
+  """`render.soft_rasterize` with the config's image size and SoftRas settings (`config.render`).
+
+  `for_evaluation`: with the silhouette softness of the evaluation protocol, `config.eval.sigma`
+  (when set), so that scores do not depend on how soft training renders (a wider training sigma
+  reaches mask pixels further from the boundary, but would blur the scored silhouette).
+  """
   r = config.render
-  return functools.partial(render.soft_rasterize, image_size=config.data.image_size, sigma=r.sigma,
+  sigma = r.sigma
+  if for_evaluation and config.get("eval") is not None and config.eval.get("sigma") is not None:
+    sigma = config.eval.sigma
+  return functools.partial(render.soft_rasterize, image_size=config.data.image_size, sigma=sigma,
                            gamma=r.gamma, dist_eps=r.get("dist_eps", 1e-4))
 
 

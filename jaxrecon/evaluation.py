@@ -169,7 +169,7 @@ def make_eval_step(config, model, sphere, protocol: str = "default"):
   if protocol not in PROTOCOLS:
     raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
   uv_sampler = components.make_uv_sampler(config, sphere)
-  rasterize = components.make_rasterizer(config)
+  rasterize = components.make_rasterizer(config, for_evaluation=True)
   screen_faces = components.make_screen_faces(config, sphere.faces)
   f_threshold = _f_threshold(config)
 
@@ -559,7 +559,7 @@ def make_visualise(config, model, sphere, num_novel: int = 2):
   """
   s = config.data.image_size
   eval_step = make_eval_step(config, model, sphere)
-  rasterize = components.make_rasterizer(config)
+  rasterize = components.make_rasterizer(config, for_evaluation=True)
   screen_faces = components.make_screen_faces(config, sphere.faces)
 
   @jax.jit

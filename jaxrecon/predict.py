@@ -149,7 +149,7 @@ def make_predictor(config, model, sphere, texture_size=(256, 512), frames: int =
   Renders are premultiplied RGB + alpha (black background).
   """
   uv_sampler = components.make_uv_sampler(config, sphere)
-  rasterize = components.make_rasterizer(config)
+  rasterize = components.make_rasterizer(config, for_evaluation=True)
   screen_faces = components.make_screen_faces(config, sphere.faces)
 
   @jax.jit

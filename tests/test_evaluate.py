@@ -296,3 +296,18 @@ def test_novel_view_protocol_on_ground_truth(tmp_path_factory):
   l1, iou = novel_l1(cam)
   assert iou > 0.9 and l1 < 1.5 * input_l1 < 0.15
   assert novel_l1(cam.at[:, 1].add(0.1))[0] > 1.5 * l1
+
+
+def test_scores_use_the_protocol_sigma_not_the_training_one():
+  # Training may render softer silhouettes (a wider sigma reaches mask pixels further out); the
+  # scored silhouette keeps config.eval.sigma, so a training choice cannot move the metric.
+  config = test_config.get_config()
+  config.render.sigma = 1e-2
+  config.eval.sigma = 1e-4
+  face = jnp.array([[[[-0.5, -0.5, 5.0], [0.5, -0.5, 5.0], [0.0, 0.5, 5.0]]]])
+  train_alpha = components.make_rasterizer(config)(face)[..., 3]
+  eval_alpha = components.make_rasterizer(config, for_evaluation=True)(face)[..., 3]
+  soft = lambda a: float(jnp.mean((a > 0.02) & (a < 0.98)))   # share of pixels on a soft edge
+  assert soft(train_alpha) > 5 * soft(eval_alpha) > 0
+  del config.eval.sigma                                        # configs without it: the training sigma
+  assert components.make_rasterizer(config, for_evaluation=True).keywords["sigma"] == 1e-2
