@@ -38,12 +38,12 @@ _FORWARDS: dict = {}   # id(model) -> (model, jitted forward); Flax modules hold
 
 
 def _eval_forward(model):
-  """jit of the eval-mode network, compiled once per model: (params, batch_stats, images) ->
-  (half offsets, UV flow)."""
+  """jit of the eval-mode network, compiled once per model: (params, batch_stats, images) -> the
+  half offsets (B, V_half, 3)."""
   if id(model) not in _FORWARDS:
     def forward(params, batch_stats, images):
       pred = model.apply({"params": params, "batch_stats": batch_stats}, images, train=False)
-      return pred.half_offsets, pred.uv_flow
+      return pred.half_offsets
     _FORWARDS[id(model)] = (model, jax.jit(forward))
   return _FORWARDS[id(model)][1]
 
@@ -54,7 +54,7 @@ def mean_offset(config, model, params, batch_stats) -> np.ndarray:
   forward = _eval_forward(model)
   total, count = None, 0
   for batch in _images(config, config.template.update_images):
-    offsets, _ = forward(params, batch_stats, jnp.asarray(batch["image"]))
+    offsets = forward(params, batch_stats, jnp.asarray(batch["image"]))
     part = np.asarray(offsets, np.float64).sum(0)
     total = part if total is None else total + part
     count += offsets.shape[0]
