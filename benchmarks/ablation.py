@@ -9,7 +9,8 @@ Each (variant, seed) is one training run (`python -m jaxrecon.main`, workdir
 <root>/<variant>/seed_<seed>) scored on the test split by `python -m jaxrecon.evaluate` (default
 protocol). Both run as child processes so that every run starts from a clean interpreter, the way a
 user would run them. Finished runs (their eval_test/metrics.json exists at the requested step) are
-not repeated, so an interrupted ablation resumes where it stopped.
+not repeated, so an interrupted ablation resumes where it stopped (a run interrupted during training
+continues from its last checkpoint).
 
 Variants (the config's own settings otherwise; `VARIANTS` below is the exact list of overrides):
 
@@ -111,7 +112,10 @@ def run_one(config: str, workdir: str, overrides: dict, seed: int, steps: int | 
   A run whose report exists at the requested step is read back instead of repeated.
   """
   report = read_metrics(workdir)
-  if report is not None and (steps is None or report["step"] == steps):
+  if report is not None:
+    if steps is not None and report["step"] != steps:
+      raise ValueError(f"{workdir} holds a run of {report['step']} steps, not --steps={steps}: give this "
+                       "ablation its own --root (a run's checkpoints would otherwise be continued or reused)")
     log(f"  {workdir}: done before (step {report['step']}), reusing its report")
     return report
   common = [f"--compilation_cache={cache}"]

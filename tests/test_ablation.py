@@ -91,9 +91,12 @@ def test_finished_run_is_reused_not_repeated(tmp_path):
   report = ablation.run_one("configs/test.py", str(workdir), {}, 0, 5, None, "", calls.append)
   assert report["step"] == 5 and ablation.metric_values(report) == {"mask_iou": 0.5}
   assert "reusing" in calls[0]
-  # At another length the run is not reused: training starts (and fails here on a bad config path).
-  with pytest.raises(RuntimeError, match="train of .* failed"):
-    ablation.run_one("configs/no_such_config.py", str(workdir), {}, 0, 7, None, "", calls.append)
+  # A run of another length is neither reused nor continued.
+  with pytest.raises(ValueError, match="own --root"):
+    ablation.run_one("configs/test.py", str(workdir), {}, 0, 7, None, "", calls.append)
+  # A new run starts training (and stops here with the log's path, on a config that does not exist).
+  with pytest.raises(RuntimeError, match="train of .* failed.*train.log"):
+    ablation.run_one("configs/no_such_config.py", str(tmp_path / "new"), {}, 0, 7, None, "", calls.append)
 
 
 def test_main_writes_table_json_and_figure(tmp_path, tmp_path_factory, monkeypatch):
