@@ -71,6 +71,10 @@ def measure(config_path: str, devices: int) -> dict:
   spec.loader.exec_module(module)
   config = module.get_config()
   config.batch_size = devices
+  if not config.model.get("template_dir"):
+    # The semantic terms need a stage-1 template folder; they add no parameters, so without one the
+    # gradient volume is the same with them off.
+    config.loss_weights.part_probability = config.loss_weights.part_chamfer = 0.0
   sphere = components.sphere_for(config)
   model = components.make_model(config, sphere)
   disc = reconstructor.Discriminator(config.model.disc_channels, config.model.disc_layers)
@@ -93,13 +97,25 @@ def measure(config_path: str, devices: int) -> dict:
   start = time.time()
   compiled = jitted.lower(state, batch, frozen).compile()
   seconds = time.time() - start
-  ops = collective_bytes(compiled.as_text())
+  hlo = compiled.as_text()
+  ops = collective_bytes(hlo)
   return {
       "config": os.path.basename(config_path), "image_size": s, "devices": devices,
       "params": tree_bytes(state.params), "disc_params": tree_bytes(state.disc_params),
       "batch_stats": tree_bytes(state.batch_stats), "ops": ops, "compile_s": seconds,
-      "gan": config.loss_weights.gan > 0,
+      "gan": config.loss_weights.gan > 0, "largest": largest_collectives(hlo),
   }
+
+
+def largest_collectives(hlo_text: str, count: int = 8) -> list[tuple[int, str]]:
+  """The `count` largest collectives of an HLO module: [(bytes, 'op shape'), ...], largest first."""
+  found = []
+  for line in hlo_text.splitlines():
+    if _OP.search(line):
+      size = sum(collective_bytes(line).get(op, (0, 0))[1] for op in _COLLECTIVES)
+      match = _OP.search(line)
+      found.append((size, f"{match.group('op')} {match.group('shape')[:120]}"))
+  return sorted(found, reverse=True)[:count]
 
 
 def _mb(n: float) -> str:
@@ -135,6 +151,8 @@ def main(argv=None):
   for path in args.configs:
     row = measure(path, args.devices)
     print(f"{row['config']}: compiled in {row['compile_s']:.0f} s; collectives {row['ops']}", flush=True)
+    for size, what in row["largest"]:
+      print(f"  {size / 2**20:8.2f} MiB  {what}", flush=True)
     rows.append(row)
   print(f"\nPer-step collectives of the data-parallel train step ({args.devices} devices, "
         f"jax {jax.__version__}, {jax.devices()[0].platform})\n")
