@@ -190,3 +190,41 @@ def test_jit_and_vmap():
     want = jax.grad(loss, argnums=(0, 1))(images[k], grids[k])
     np.testing.assert_allclose(grads[0][k], want[0], atol=1e-6)
     np.testing.assert_allclose(grads[1][k], want[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["plain", "adaptive"])
+def test_sampler_partitions_along_a_sharded_batch(mode):
+  # With the batch sharded over devices, every device samples its own images: the compiled forward
+  # and backward hold no collective. (Indices into the whole flattened batch made XLA all-reduce
+  # the samples of the global batch on every device.)
+  from jaxrecon.ops import variance_grid_sample  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()[:4]
+  if len(devices) < 4:
+    pytest.skip("needs 4 devices (tests/conftest.py emulates 8 CPU devices)")
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  rng = np.random.default_rng(0)
+  image = jnp.asarray(rng.uniform(size=(8, 16, 16, 3)), jnp.float32)
+  variance = jnp.asarray(rng.uniform(0.5, 2.0, size=(8, 16, 16, 1)), jnp.float32)
+  grid = jnp.asarray(rng.uniform(-1.1, 1.1, size=(8, 50, 2)), jnp.float32)
+
+  def sample(image, variance, grid):
+    if mode == "plain":
+      return grid_sample(image, grid, align_corners=True)
+    return variance_grid_sample(image, grid, variance, mode="adaptive", align_corners=True)
+
+  def forward_and_back(image, variance, grid, cotangent):
+    out, vjp = jax.vjp(sample, image, variance, grid)
+    return out, vjp(cotangent)
+
+  cotangent = jnp.ones((8, 50, 3), jnp.float32)
+  args = (image, variance, grid, cotangent)
+  compiled = jax.jit(forward_and_back, in_shardings=(sharded,) * 4, out_shardings=sharded).lower(*args).compile()
+  hlo = compiled.as_text()
+  for op in ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter"):
+    assert f" {op}(" not in hlo and f" {op}-start(" not in hlo, op
+  out, grads = compiled(*args)
+  want_out, want_grads = forward_and_back(*args)          # unsharded
+  np.testing.assert_allclose(out, want_out, rtol=1e-6, atol=1e-6)
+  for g, w in zip(grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

@@ -162,7 +162,10 @@ class Corners(NamedTuple):
   this far better than a trailing axis of size 4, and fuses the gathers into their consumers.
 
   Attributes:
-    index: 4 x (B, N) int32 into the image flattened to (B*H*W, C), clamped to a valid pixel.
+    index: 4 x (B, N) int32 into each image flattened to (H*W, C), clamped to a valid pixel. Per
+      image, not into the whole batch: gathers that keep the batch axis let a batch-sharded step
+      sample each device's images locally (a flat index into B*H*W made XLA's partitioner
+      all-reduce the (B, N, C) samples of the whole global batch on every device).
     weight: 4 x (B, N) bilinear weights lambda_ij of Eq. 22, zero for corners outside the image.
     inside: 4 x (B, N) float 1/0, whether the corner lies in the image (only 'zeros' padding
       produces 0).
@@ -182,13 +185,11 @@ class Corners(NamedTuple):
 def corner_weights(grid, height: int, width: int, align_corners: bool,
                    padding_mode: str) -> Corners:
   """The `Corners` of every point of ``grid`` (B, N, 2) in an image of size ``height x width``."""
-  b = grid.shape[0]
   ix, dix = _source_index(grid[..., 0], width, align_corners, padding_mode)
   iy, diy = _source_index(grid[..., 1], height, align_corners, padding_mode)
   x0, y0 = jnp.floor(ix), jnp.floor(iy)
   tx, ty = ix - x0, iy - y0
   x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
-  base = jnp.arange(b, dtype=jnp.int32)[:, None] * (height * width)
   index, weight, inside = [], [], []
   for dy in (0, 1):
     for dx in (0, 1):
@@ -196,15 +197,21 @@ def corner_weights(grid, height: int, width: int, align_corners: bool,
       valid = ((xc >= 0) & (xc <= width - 1) & (yc >= 0) & (yc <= height - 1)).astype(tx.dtype)
       wx = tx if dx else 1.0 - tx
       wy = ty if dy else 1.0 - ty
-      index.append(base + jnp.clip(yc, 0, height - 1) * width + jnp.clip(xc, 0, width - 1))
+      index.append(jnp.clip(yc, 0, height - 1) * width + jnp.clip(xc, 0, width - 1))
       weight.append(wx * wy * valid)
       inside.append(valid)
   return Corners(index, weight, inside, tx, ty, dix, diy)
 
 
+def gather(flat_image, index):
+  """(B, H*W, C) images, (B, N) per-image pixel indices -> (B, N, C): a gather whose batch axis
+  stays a batch axis (vmap), so it partitions along a sharded batch."""
+  return jax.vmap(lambda image, i: image[i])(flat_image, index)
+
+
 def interpolate(flat_image, corners: Corners):
-  """Eq. 18: ``sum_k weight_k * U[index_k]``; (B*H*W, C) image -> (B, N, C)."""
-  return sum(w[..., None] * flat_image[i] for i, w in zip(corners.index, corners.weight))
+  """Eq. 18: ``sum_k weight_k * U[index_k]``; (B, H*W, C) images -> (B, N, C)."""
+  return sum(w[..., None] * gather(flat_image, i) for i, w in zip(corners.index, corners.weight))
 
 
 def grid_cotangent(flat_image, corners: Corners, cotangent):
@@ -215,7 +222,7 @@ def grid_cotangent(flat_image, corners: Corners, cotangent):
   differences of neighbouring corners, so a flat image gives exactly zero (Eq. 26).
 
   Args:
-    flat_image: (B*H*W, C) the image whose corner values U_ij enter the gradient.
+    flat_image: (B, H*W, C) the images whose corner values U_ij enter the gradient.
     corners: `Corners` of the sample points.
     cotangent: (B, N, C) d loss / d out (``2 (C_xy - C'_xy)`` in Eq. 20-21).
   Returns:
@@ -224,7 +231,7 @@ def grid_cotangent(flat_image, corners: Corners, cotangent):
   num_channels = flat_image.shape[-1]
   projected = []  # U_k . cotangent per corner, zero outside the image
   for index, inside in zip(corners.index, corners.inside):
-    value = flat_image[index]
+    value = gather(flat_image, index)
     # An explicit sum over the (few) channels: a reduce over a minor axis of size C is ~10x slower
     # on XLA:CPU (it becomes a library call instead of being fused with the gather).
     p = value[..., 0] * cotangent[..., 0]
@@ -248,16 +255,17 @@ def image_cotangent(corners: Corners, cotangent, image_shape):
   Returns:
     image_shape float array.
   """
-  total = jnp.zeros((image_shape[0] * image_shape[1] * image_shape[2], image_shape[3]),
-                    cotangent.dtype)
+  b, h, w, c = image_shape
+  scatter_add = jax.vmap(lambda total, i, v: total.at[i].add(v, mode="promise_in_bounds"))
+  total = jnp.zeros((b, h * w, c), cotangent.dtype)
   for index, weight in zip(corners.index, corners.weight):
-    total = total.at[index].add(weight[..., None] * cotangent, mode="promise_in_bounds")
+    total = scatter_add(total, index, weight[..., None] * cotangent)
   return total.reshape(image_shape)
 
 
 def flatten_image(image):
-  """(B, H, W, C) -> (B*H*W, C), the layout `Corners.index` points into."""
-  return image.reshape(-1, image.shape[-1])
+  """(B, H, W, C) -> (B, H*W, C), the layout `Corners.index` points into."""
+  return image.reshape(image.shape[0], -1, image.shape[-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

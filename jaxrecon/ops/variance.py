@@ -72,7 +72,7 @@ def _adaptive_fwd(image, variance, grid, align_corners, padding_mode, combine):
 def _adaptive_bwd(align_corners, padding_mode, combine, residuals, cotangent):
   image, variance, grid = residuals
   corners = gs.corner_weights(grid, image.shape[1], image.shape[2], align_corners, padding_mode)
-  modulated = _gradient_image(image, variance, combine).reshape(-1, image.shape[-1])
+  modulated = gs.flatten_image(_gradient_image(image, variance, combine))
   # Plain jnp code throughout: differentiable again, w.r.t. `variance` too (Eq. 31-32).
   return (gs.image_cotangent(corners, cotangent, image.shape), jnp.zeros_like(variance),
           gs.grid_cotangent(modulated, corners, cotangent))
