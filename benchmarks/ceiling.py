@@ -53,11 +53,10 @@ def oracle_scores(config, split: str) -> dict:
             "sphere (true RMS radius), true camera": []}
   for b in batches:
     cams, mask = jnp.asarray(b["camera"]), jnp.asarray(b["mask"])[..., 0]
-    n = cams.shape[0]
     for name, shapes in zip(scores, (b["vertices"], np.broadcast_to(mean_shape, b["vertices"].shape),
                                      np.broadcast_to(template, b["vertices"].shape))):
       alpha = rasterize(screen_faces(jnp.asarray(shapes), cams))[..., 3]
-      scores[name].append(np.asarray(image_metrics.mask_iou(alpha, mask))[:n])
+      scores[name].append(np.asarray(image_metrics.mask_iou(alpha, mask)))
   return {k: (float(np.concatenate(v).mean()), int(sum(len(x) for x in v))) for k, v in scores.items()}
 
 
