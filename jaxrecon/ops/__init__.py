@@ -5,6 +5,8 @@
 * `variance_grid_sample`: the paper's variance branch (Eq. 11, 16-17, 27-30), modes 'adaptive',
   'paper', 'none'; `variance_grid_sample_reference` is its stop-gradient oracle.
 * `lookahead_loss`: the one-step lookahead of Eq. 31-32 that trains the variance.
+* `collectives`: cross-device sums in device order (for `config.reduction='ordered'`), whose
+  results do not depend on how the devices are split over processes.
 
 See docs/ops.md.
 """
