@@ -14,6 +14,7 @@ Widths are fields so tests and CPU configs can shrink the network; the defaults 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +25,7 @@ import numpy as np
 
 from jaxrecon.geometry import camera
 from jaxrecon.geometry import mesh as mesh_lib
+from jaxrecon.models import layers
 from jaxrecon.models import resnet
 
 
@@ -38,9 +40,9 @@ class Prediction:
   variance: jax.Array | None   # (B, S, S, 1) or None when D_var is off
 
 
-def _bn(train: bool, name=None):
+def _bn(train: bool, batch_axis: str | None, name=None):
   # torch's BatchNorm defaults (momentum 0.1 -> Flax 0.9, eps 1e-5), as UMR.
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+  return functools.partial(layers.BatchNorm(batch_axis=batch_axis, name=name), use_running_average=not train)
 
 
 def _normal_init(std: float):
@@ -53,13 +55,14 @@ class FCStack(nn.Module):
   layers: int = 2
   use_bn: bool = True
   slope: float = 0.2
+  batch_axis: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     for i in range(self.layers):
       x = nn.Dense(self.features, kernel_init=_normal_init(0.02), name=f"dense_{i}")(x)
       if self.use_bn:
-        x = _bn(train, name=f"bn_{i}")(x)
+        x = _bn(train, self.batch_axis, name=f"bn_{i}")(x)
       x = nn.leaky_relu(x, self.slope)
     return x
 
@@ -69,18 +72,19 @@ class Encoder(nn.Module):
   feature_dim: int = 200
   conv_channels: int = 256
   resnet_widths: tuple[int, ...] = (64, 128, 256, 512)
+  batch_axis: str | None = None
 
   @nn.compact
   def __call__(self, images, train: bool):
-    x = resnet.ResNet18(widths=self.resnet_widths, name="resnet")(resnet.imagenet_normalize(images), train)
+    x = resnet.ResNet18(widths=self.resnet_widths, batch_axis=self.batch_axis, name="resnet")(resnet.imagenet_normalize(images), train)
     if x.shape[1] < 2:
       raise ValueError(f"images of {images.shape[1]} px leave a {x.shape[1]}x{x.shape[2]} ResNet map; the "
                        "encoder's 4x4 stride-2 conv needs at least 2x2, i.e. images of at least 64 px")
     x = nn.Conv(self.conv_channels, (4, 4), 2, padding=((1, 1), (1, 1)), kernel_init=_normal_init(0.02),
                 name="enc_conv1")(x)
-    x = nn.leaky_relu(_bn(train, name="enc_bn1")(x), 0.2)
+    x = nn.leaky_relu(_bn(train, self.batch_axis, name="enc_bn1")(x), 0.2)
     x = x.reshape(x.shape[0], -1)
-    return FCStack(self.feature_dim, 2, name="enc_fc")(x, train)
+    return FCStack(self.feature_dim, 2, batch_axis=self.batch_axis, name="enc_fc")(x, train)
 
 
 class ShapeDecoder(nn.Module):
@@ -105,6 +109,7 @@ class CameraMultiplex(nn.Module):
   num_hypotheses: int = 8
   width: int = 200
   initial_quaternions: tuple | None = None
+  batch_axis: str | None = None
 
   @nn.compact
   def __call__(self, feature, train: bool):
@@ -114,7 +119,7 @@ class CameraMultiplex(nn.Module):
     if len(starts) != self.num_hypotheses:
       raise ValueError(f"{len(starts)} initial quaternions for {self.num_hypotheses} hypotheses")
     for h in range(self.num_hypotheses):
-      x = FCStack(self.width, 2, name=f"hypothesis_{h}")(trunk, train)
+      x = FCStack(self.width, 2, batch_axis=self.batch_axis, name=f"hypothesis_{h}")(trunk, train)
       start = lambda *_, q=starts[h]: jnp.array(q, jnp.float32)
       quat = nn.Dense(4, kernel_init=_normal_init(0.02), bias_init=start, name=f"quat_{h}")(x)
       scale = nn.relu(nn.Dense(1, kernel_init=_normal_init(0.02), name=f"scale_{h}")(x) + 1.0) + 1e-12
@@ -132,11 +137,12 @@ class UpConvDecoder(nn.Module):
   num_stages: int
   out_channels: int
   zero_init_output: bool = False
+  batch_axis: str | None = None
 
   @nn.compact
   def __call__(self, feature, train: bool):
     h0, w0 = self.base_shape
-    x = FCStack(h0 * w0 * self.base_channels, 2, name="fc")(feature, train)
+    x = FCStack(h0 * w0 * self.base_channels, 2, batch_axis=self.batch_axis, name="fc")(feature, train)
     x = x.reshape(feature.shape[0], h0, w0, self.base_channels)
     channels = self.base_channels
     for stage in range(self.num_stages):
@@ -148,7 +154,7 @@ class UpConvDecoder(nn.Module):
                                 name=f"conv_{stage}_a")(x), 0.2)
       x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_normal_init(0.02),
                   name=f"conv_{stage}_b")(x)
-      x = nn.leaky_relu(_bn(train, name=f"bn_{stage}")(x), 0.2)
+      x = nn.leaky_relu(_bn(train, self.batch_axis, name=f"bn_{stage}")(x), 0.2)
     init = nn.initializers.zeros if self.zero_init_output else _normal_init(0.02)
     return nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=init,
                    bias_init=nn.initializers.zeros, name="out")(x)
@@ -166,11 +172,12 @@ class VarianceDecoder(nn.Module):
   base_channels: int = 64
   num_stages: int = 3
   max_log: float = 2.0
+  batch_axis: str | None = None
 
   @nn.compact
   def __call__(self, feature, train: bool):
     s = UpConvDecoder((4, 4), self.base_channels, self.num_stages, 1, zero_init_output=True,
-                      name="decoder")(feature, train)
+                      batch_axis=self.batch_axis, name="decoder")(feature, train)
     s = jax.image.resize(s, (s.shape[0], self.image_size, self.image_size, 1), "bilinear")
     return jnp.exp(self.max_log * jnp.tanh(s))
 
@@ -191,21 +198,25 @@ class Reconstructor(nn.Module):
   variance_stages: int = 3
   num_side: int = 305                      # mirrored vertices (mesh.SymmetricMesh.num_side)
   initial_quaternions: tuple | None = None  # D_cam's starting rotations (CameraMultiplex)
+  # BatchNorm statistics summed in device order over this shard_map axis (layers.BatchNorm); None:
+  # jit's global view, where XLA adds the cross-device reduction.
+  batch_axis: str | None = None
 
   @nn.compact
   def __call__(self, images, train: bool = False) -> Prediction:
-    feature = Encoder(self.feature_dim, self.encoder_conv_channels, self.resnet_widths, name="encoder")(
-        images, train)
+    feature = Encoder(self.feature_dim, self.encoder_conv_channels, self.resnet_widths, self.batch_axis,
+                      name="encoder")(images, train)
     template = jnp.asarray(np.asarray(self.template_half), jnp.float32)
     offsets = ShapeDecoder(template.shape[0], name="shape")(feature)
     vertices = mesh_lib.symmetrize(template + offsets, self.num_side)
     hypotheses, probs = CameraMultiplex(self.num_hypotheses, self.camera_width, self.initial_quaternions,
-                                        name="camera")(feature, train)
-    flow = UpConvDecoder((4, 8), self.flow_base_channels, self.flow_stages, 2, name="flow")(feature, train)
+                                        self.batch_axis, name="camera")(feature, train)
+    flow = UpConvDecoder((4, 8), self.flow_base_channels, self.flow_stages, 2, batch_axis=self.batch_axis,
+                         name="flow")(feature, train)
     variance = None
     if self.use_variance:
       variance = VarianceDecoder(self.image_size, self.variance_base_channels, self.variance_stages,
-                                 name="variance")(feature, train)
+                                 batch_axis=self.batch_axis, name="variance")(feature, train)
     return Prediction(vertices=vertices, half_offsets=offsets, cam_hypotheses=hypotheses,
                       cam_probs=probs, uv_flow=jnp.tanh(flow), variance=variance)
 
