@@ -1,6 +1,7 @@
 r"""Per-step communication of data-parallel training: what the compiled train step all-reduces.
 
   python benchmarks/communication.py [--configs configs/synthetic.py configs/cub.py] [--devices 4]
+      [--reductions xla ordered]
 
 For each config, compiles `train.make_train_step` exactly as `train.train_and_evaluate` jits it
 (state replicated, batch sharded over a ('data',) mesh of `--devices` emulated CPU devices, one
@@ -10,8 +11,10 @@ cross-device collective. It compares the total with what data parallelism must e
 gradients of the network and of the discriminator (the size of their parameters) plus the
 per-channel BatchNorm statistics. Prints a Markdown table.
 
-The per-device traffic of a ring all-reduce of V bytes over N devices is 2·(N−1)/N·V (the last
-column, for N = 8 and N = 64).
+Per-device traffic at the measured N devices (last column): a ring all-reduce of V bytes sends
+2·(N−1)/N·V, an all-gather or all-to-all whose result is V bytes (N−1)/N·V. `--reductions` compiles
+each config under each `config.reduction` ('xla': XLA's all-reduces; 'ordered': the per-device step
+whose sums are gathers / all-to-alls plus additions in device order).
 """
 
 from __future__ import annotations
@@ -58,7 +61,17 @@ def tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def measure(config_path: str, devices: int) -> dict:
+_TRAFFIC = {"all-reduce": lambda n: 2 * (n - 1) / n, "all-gather": lambda n: (n - 1) / n,
+            "all-to-all": lambda n: (n - 1) / n, "reduce-scatter": lambda n: n - 1,
+            "collective-permute": lambda n: 1.0}
+
+
+def traffic(ops: dict, devices: int) -> float:
+  """Bytes one device sends per step (see the module docstring)."""
+  return sum(_TRAFFIC[op](devices) * size for op, (_, size) in ops.items())
+
+
+def measure(config_path: str, devices: int, reduction: str = "xla") -> dict:
   import importlib.util  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -71,6 +84,7 @@ def measure(config_path: str, devices: int) -> dict:
   spec.loader.exec_module(module)
   config = module.get_config()
   config.batch_size = devices
+  config.reduction = reduction
   if not config.model.get("template_dir"):
     # The semantic terms need a stage-1 template folder; they add no parameters, so without one the
     # gradient volume is the same with them off.
@@ -89,18 +103,14 @@ def measure(config_path: str, devices: int) -> dict:
   if train.part_setup(config, sphere) is not None:
     batch["parts"] = jax.ShapeDtypeStruct((b, s, s, 5), jnp.float32)
   mesh = distributed.data_mesh(jax.devices()[:devices])
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  step, _ = train.make_train_step(config, model, disc, sphere, tx, disc_tx)
-  jitted = jax.jit(step, in_shardings=(replicated, sharded, replicated), out_shardings=(replicated, replicated),
-                   donate_argnums=(0,))
+  jitted = train.jit_train_step(config, model, disc, sphere, tx, disc_tx, mesh)
   start = time.time()
   compiled = jitted.lower(state, batch, frozen).compile()
   seconds = time.time() - start
   hlo = compiled.as_text()
   ops = collective_bytes(hlo)
   return {
-      "config": os.path.basename(config_path), "image_size": s, "devices": devices,
+      "config": os.path.basename(config_path), "reduction": reduction, "image_size": s, "devices": devices,
       "params": tree_bytes(state.params), "disc_params": tree_bytes(state.disc_params),
       "batch_stats": tree_bytes(state.batch_stats), "ops": ops, "compile_s": seconds,
       "gan": config.loss_weights.gan > 0, "largest": largest_collectives(hlo),
@@ -124,18 +134,18 @@ def _mb(n: float) -> str:
 
 def table(rows: list[dict]) -> str:
   lines = [
-      "| config | image | params (MiB) | disc params (MiB) | BN stats (MiB) | all-reduce ops | all-reduced (MiB) "
-      "| other collectives (MiB) | all-reduced / (params + disc) | ring traffic per device, N=8 / N=64 (MiB) |",
-      "|---|---|---|---|---|---|---|---|---|---|"]
+      "| config | reduction | image | params (MiB) | disc params (MiB) | BN stats (MiB) | all-reduce ops "
+      "| all-reduced (MiB) | gathered + all-to-all (MiB) | all collectives / (params + disc) "
+      "| sent per device per step (MiB) |",
+      "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     count, reduced = r["ops"].get("all-reduce", (0, 0))
     other = sum(v[1] for k, v in r["ops"].items() if k != "all-reduce")
     expected = r["params"] + (r["disc_params"] if r["gan"] else 0)
-    ring = lambda n: 2 * (n - 1) / n * (reduced + other)
     lines.append(
-        f"| {r['config']} | {r['image_size']} | {_mb(r['params'])} | {_mb(r['disc_params'])}"
+        f"| {r['config']} | {r['reduction']} | {r['image_size']} | {_mb(r['params'])} | {_mb(r['disc_params'])}"
         f"{'' if r['gan'] else ' (GAN off)'} | {_mb(r['batch_stats'])} | {count} | {_mb(reduced)} | {_mb(other)} "
-        f"| {reduced / max(expected, 1):.3f} | {_mb(ring(8))} / {_mb(ring(64))} |")
+        f"| {(reduced + other) / max(expected, 1):.3f} | {_mb(traffic(r['ops'], r['devices']))} |")
   return "\n".join(lines)
 
 
@@ -143,14 +153,16 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--configs", nargs="+", default=["configs/synthetic.py", "configs/cub.py"])
   parser.add_argument("--devices", type=int, default=4, help="emulated CPU devices of the data mesh")
+  parser.add_argument("--reductions", nargs="+", default=["xla"], choices=["xla", "ordered"],
+                      help="config.reduction values to compile each config with")
   args = parser.parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_num_cpu_devices", args.devices)
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
   rows = []
-  for path in args.configs:
-    row = measure(path, args.devices)
-    print(f"{row['config']}: compiled in {row['compile_s']:.0f} s; collectives {row['ops']}", flush=True)
+  for path, reduction in [(p, r) for p in args.configs for r in args.reductions]:
+    row = measure(path, args.devices, reduction)
+    print(f"{row['config']} ({reduction}): compiled in {row['compile_s']:.0f} s; collectives {row['ops']}", flush=True)
     for size, what in row["largest"]:
       print(f"  {size / 2**20:8.2f} MiB  {what}", flush=True)
     rows.append(row)

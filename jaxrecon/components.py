@@ -43,9 +43,23 @@ def load_template(config, sphere: mesh_lib.SymmetricMesh) -> template_lib.Templa
   return template_lib.load(directory, sphere) if directory else None
 
 
+REDUCTIONS = ("xla", "ordered")
+BATCH_AXIS = "data"          # the mesh axis the batch is split over (distributed.data_mesh)
+
+
+def batch_axis(config) -> str | None:
+  """The shard_map axis of the per-device train step under ``config.reduction='ordered'`` (sums in
+  device order, `jaxrecon.train`), None under 'xla' (the default: jit's global view)."""
+  value = config.get("reduction", "xla")
+  if value not in REDUCTIONS:
+    raise ValueError(f"config.reduction={value!r}: must be one of {', '.join(REDUCTIONS)}")
+  return BATCH_AXIS if value == "ordered" else None
+
+
 def make_model(config, sphere: mesh_lib.SymmetricMesh) -> reconstructor.Reconstructor:
   """The reconstructor on V_temp: the learned template of `config.model.template_dir` (stage 2), or
-  the sphere scaled by `config.model.template_scale` (stage 1 and single-stage runs)."""
+  the sphere scaled by `config.model.template_scale` (stage 1 and single-stage runs). Its BatchNorm
+  statistics sum over `batch_axis(config)` when training under ``config.reduction='ordered'``."""
   m = config.model
   learned = load_template(config, sphere)
   template = learned.vertices_half if learned is not None else sphere.half(sphere.vertices) * m.template_scale
@@ -56,7 +70,7 @@ def make_model(config, sphere: mesh_lib.SymmetricMesh) -> reconstructor.Reconstr
       flow_base_channels=m.flow_base_channels, flow_stages=m.flow_stages,
       use_variance=config.variance.mode != "none", variance_base_channels=m.variance_base_channels,
       variance_stages=m.variance_stages, num_side=sphere.num_side,
-      initial_quaternions=initial_camera_quaternions(config))
+      initial_quaternions=initial_camera_quaternions(config), batch_axis=batch_axis(config))
 
 
 def make_rasterizer(config, for_evaluation: bool = False):

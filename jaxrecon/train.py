@@ -11,7 +11,18 @@ devices with the state replicated:
     discriminator loss with gradient penalty (Eq. 37-39)
   → Adam updates of the network and of the discriminator, in the same step.
 
-Randomness is `fold_in(key, step)`. Orbax checkpoints hold the train state, the data iterator
+Randomness is `fold_in(key, step)`.
+
+`config.reduction` chooses how the devices' contributions are summed. 'xla' (the default): the step
+is written for the global batch and XLA's partitioner inserts all-reduces, whose order of additions
+the runtime picks (gloo between processes, device order within one), so the same run split over
+processes differs in the last bits, and Adam amplifies that. 'ordered': the step runs per device
+under `jax.shard_map`, and every cross-device sum (BatchNorm statistics, loss means, the FID
+batch, gradients) is a gather or all-to-all followed by additions in device order
+(`ops.collectives`): the same bits for any split of the same devices over processes. Its random
+draws are per device (`fold_in` of the device index), so they differ from 'xla' mode's.
+
+Orbax checkpoints hold the train state, the data iterator
 state and the step; a restarted run resumes exactly. A non-finite loss or gradient stops training
 with an error naming the terms; the last checkpoint stays the good one.
 """
@@ -41,6 +52,7 @@ from jaxrecon.geometry import camera
 from jaxrecon.metrics import fid
 from jaxrecon.models import inception, perceptual, reconstructor
 from jaxrecon.models import weights as weights_lib
+from jaxrecon.ops import collectives
 
 Array = jax.Array
 
@@ -175,8 +187,19 @@ def init_encoder_from_resnet18(config, params, batch_stats):
 # ----------------------------------------------------------------------------------------------
 
 
-def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
-  """The pure train step ``(state, batch) -> (state, metrics)`` (not yet jitted)."""
+def make_train_step(config, model, discriminator, sphere, tx, disc_tx, batch_axis: str | None = None):
+  """The pure train step ``(state, batch) -> (state, metrics)`` (not yet jitted).
+
+  `batch_axis`: None for jit's global view (XLA adds the cross-device sums); a `jax.shard_map` axis
+  name for the per-device step of ``config.reduction='ordered'``, which sums over that axis in device
+  order (the model must have been built with the same `batch_axis`, see `components.make_model`).
+  """
+  if batch_axis is not None and getattr(model, "batch_axis", None) != batch_axis:
+    raise ValueError(f"make_train_step(batch_axis={batch_axis!r}) needs a model built with the same batch_axis "
+                     f"(components.make_model(..., batch_axis=...)); the model has {getattr(model, 'batch_axis', None)!r}")
+  # Means over the global batch: local means, then (per device) the ordered mean over devices.
+  cross_device_mean = (lambda x: x) if batch_axis is None else functools.partial(collectives.pmean, axis_name=batch_axis)
+  global_batch = (lambda x: x) if batch_axis is None else functools.partial(collectives.gather_batch, axis_name=batch_axis)
   faces = sphere.faces
   uv_sampler = components.make_uv_sampler(config, sphere)
   laplacian = jnp.asarray(sphere.laplacian)
@@ -314,7 +337,7 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
       terms["gan"] = losses.generator_loss(disc(jax.lax.stop_gradient(disc_params), fake))
       disc_terms = losses.discriminator_loss(disc(disc_params, real_rgba), disc(disc_params, jax.lax.stop_gradient(fake)))
       gp = losses.gradient_penalty(lambda x: disc(disc_params, x), real_rgba, jax.lax.stop_gradient(fake), gp_key)
-      disc_loss = jnp.mean(disc_terms) + config.optim.gradient_penalty * jnp.mean(gp)
+      disc_loss = cross_device_mean(jnp.mean(disc_terms) + config.optim.gradient_penalty * jnp.mean(gp))
     else:
       disc_loss = jnp.zeros(())
     if "fid" in on:
@@ -323,10 +346,13 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
       net = inception.FIDInceptionV3()
       features = lambda x: net.apply(frozen["fid"], x)
       novel_tex = rasterize(novel_faces, colours)
-      fid_value = fid.fid_loss(jax.lax.stop_gradient(features(real)), features(novel_tex[..., :3] * novel_tex[..., 3:]))
+      # The statistics of the global batch (gathered in device order under batch_axis).
+      fid_value = fid.fid_loss(global_batch(jax.lax.stop_gradient(features(real))),
+                               global_batch(features(novel_tex[..., :3] * novel_tex[..., 3:])))
       terms["fid"] = jnp.broadcast_to(fid_value, (b,))
 
-    means = {k: jnp.mean(v) for k, v in terms.items()}
+    names = list(terms)
+    means = dict(zip(names, cross_device_mean(jnp.stack([jnp.mean(terms[k]) for k in names]))))
     # Zero-weight terms are logged but kept out of the objective (0 * NaN would still poison it).
     total = sum(loss_weight(config, k, step) * v for k, v in means.items() if w[k] != 0)
     means["total"] = total
@@ -341,11 +367,18 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
     if missing:
       raise ValueError(f"train_step needs the frozen networks of {sorted(missing)} (load_frozen_networks)")
     key = jax.random.fold_in(state.key, state.step)
+    if batch_axis is not None:                     # each device draws its own samples
+      key = jax.random.fold_in(key, jax.lax.axis_index(batch_axis))
     colour_grad = colour_gradient(state.params, state.batch_stats, batch) if use_lookahead else None
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)
     (_, (terms, disc_loss, batch_stats)), (grads, disc_grads) = grad_fn(
         state.params, state.batch_stats, state.disc_params, batch, key, colour_grad, frozen, state.step,
         state.template_offset)
+    if batch_axis is not None:
+      # Each device differentiated its copy of the (replicated) objective: the ordered sums' backward
+      # hands every device the cotangents of all copies for its samples, so the copies' gradients
+      # add up to D times the gradient.
+      grads, disc_grads = collectives.pmean_tree((grads, disc_grads), batch_axis)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     disc_updates, disc_opt_state = disc_tx.update(disc_grads, state.disc_opt_state, state.disc_params)
     metrics = dict(terms)
@@ -359,6 +392,23 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx):
     return new_state, metrics
 
   return train_step, loss_fn
+
+
+def jit_train_step(config, model, discriminator, sphere, tx, disc_tx, mesh: jax.sharding.Mesh):
+  """`make_train_step` jitted for `mesh` (state replicated and donated, batch split over its
+  'data' axis): the global-view step, or under ``config.reduction='ordered'`` the per-device step
+  in `jax.shard_map` (its outputs are replicated by construction: every device computes them from
+  the same gathered values)."""
+  axis = components.batch_axis(config)
+  step, _ = make_train_step(config, model, discriminator, sphere, tx, disc_tx, axis)
+  spec = jax.sharding.PartitionSpec
+  if axis is not None:
+    step = jax.shard_map(step, mesh=mesh, in_specs=(spec(), spec(axis), spec()), out_specs=(spec(), spec()),
+                         check_vma=False)
+  replicated = jax.sharding.NamedSharding(mesh, spec())
+  data_sharding = jax.sharding.NamedSharding(mesh, spec(components.BATCH_AXIS))
+  return jax.jit(step, in_shardings=(replicated, data_sharding, replicated), out_shardings=(replicated, replicated),
+                 donate_argnums=(0,))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,9 +541,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = state.replace(params=params, batch_stats=batch_stats, opt_state=tx.init(params))
   state = distributed.replicate(state, replicated)   # (device_put refuses PRNG keys across processes)
   frozen = distributed.replicate(load_frozen_networks(config), replicated)
-  train_step, _ = make_train_step(config, model, discriminator, sphere, tx, disc_tx)
-  p_train_step = jax.jit(train_step, in_shardings=(replicated, data_sharding, replicated),
-                         out_shardings=(replicated, replicated), donate_argnums=(0,))
+  p_train_step = jit_train_step(config, model, discriminator, sphere, tx, disc_tx, mesh)
 
   data_iter = iter(components.make_data(config, "train", shuffle=True, preprocess=[components.AddBarrier()]))
 

@@ -31,3 +31,10 @@ def test_largest_collectives_are_sorted_by_size():
   largest = communication.largest_collectives(_HLO, count=2)
   assert [size for size, _ in largest] == [768, 64]
   assert largest[0][1].startswith("all-reduce f32[64,3]")
+
+
+def test_traffic_per_device():
+  ops = {"all-reduce": (2, 800), "all-gather": (1, 400), "all-to-all": (1, 400)}
+  # Ring all-reduce 2(N-1)/N·V; gathers and all-to-alls (N-1)/N of their result.
+  assert communication.traffic(ops, 4) == 2 * 3 / 4 * 800 + 3 / 4 * 400 + 3 / 4 * 400
+  assert communication.traffic({}, 4) == 0

@@ -24,10 +24,12 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
-def _config(data_dir, steps):
+def _config(data_dir, steps, evaluate=True):
   config = test_config.get_config()
   config.data.data_dir = data_dir
   config.num_train_steps = steps
+  if not evaluate:                  # tests of the training history alone skip the evaluation's compile
+    config.eval.splits = ()
   return config
 
 
@@ -65,8 +67,8 @@ def test_outputs(straight_run):
 def test_resume_continues_exactly(straight_run, data_dir, tmp_path):
   _, straight = straight_run
   workdir = str(tmp_path / "resumed")
-  first = train.train_and_evaluate(_config(data_dir, 2), workdir)      # checkpoints at step 2
-  second = train.train_and_evaluate(_config(data_dir, 3), workdir)     # restores step 2, runs step 3
+  first = train.train_and_evaluate(_config(data_dir, 2, evaluate=False), workdir)   # checkpoints at step 2
+  second = train.train_and_evaluate(_config(data_dir, 3, evaluate=False), workdir)  # restores step 2, runs step 3
   assert len(second["train_history"]) == 1
   resumed = np.concatenate([_losses(first["train_history"]), _losses(second["train_history"])])
   np.testing.assert_array_equal(resumed, _losses(straight["train_history"]))
@@ -83,7 +85,7 @@ def test_nan_guard_names_the_terms(data_dir, tmp_path, monkeypatch):
   monkeypatch.setattr(train.pipeline, "global_batch", poisoned)
   workdir = str(tmp_path / "nan")
   with pytest.raises(FloatingPointError, match=r"non-finite values at step 0: .*texture_l1"):
-    train.train_and_evaluate(_config(data_dir, 2), workdir)
+    train.train_and_evaluate(_config(data_dir, 2, evaluate=False), workdir)
   assert not os.path.exists(os.path.join(workdir, "checkpoints", "1"))   # nothing bad was saved
 
 
@@ -95,6 +97,7 @@ def one_device_run(data_dir, tmp_path_factory):
       "import jax, json; jax.config.update('jax_num_cpu_devices', 1)\n"
       "from configs import test as t; from jaxrecon import train\n"
       f"c = t.get_config(); c.data.data_dir = {data_dir!r}; c.num_train_steps = 30; c.checkpoint.every = 30\n"
+      "c.eval.splits = (); c.log_images_every = 0\n"
       f"r = train.train_and_evaluate(c, {workdir!r})\n"
       "assert jax.device_count() == 1\n"
       "print('HISTORY', json.dumps([[h['total'], h['grad_norm']] for h in r['train_history']]))\n")
@@ -194,13 +197,62 @@ def test_perceptual_and_fid_terms_train(tmp_path):
   batch = {k: jnp.asarray(np.stack([e[k] for e in examples]), jnp.float32) / 255 for k in ("image", "mask")}
   batch["barrier"] = jnp.stack([components.AddBarrier().map({"mask": np.asarray(m)})["barrier"] for m in batch["mask"]])
   _, loss_fn = train.make_train_step(config, model, disc, sphere, tx, disc_tx)
-  grad_fn = jax.jit(jax.grad(lambda p: loss_fn(p, state.batch_stats, state.disc_params, batch,
-                                               jax.random.key(0), None, frozen)[1][0]["fid"]))
-  _, (terms, _, _) = jax.jit(loss_fn)(state.params, state.batch_stats, state.disc_params, batch,
-                                     jax.random.key(0), None, frozen)
+  # One compiled function for the terms and the FID term's gradient (compiling Inception's backward
+  # dominates this test).
+  fid_and_terms = lambda p: (lambda out: (out[1][0]["fid"], out[1][0]))(
+      loss_fn(p, state.batch_stats, state.disc_params, batch, jax.random.key(0), None, frozen))
+  (_, terms), grads = jax.jit(jax.value_and_grad(fid_and_terms, has_aux=True))(state.params)
   assert np.isfinite(terms["texture_perceptual"]) and terms["texture_perceptual"] > 0
   assert np.isfinite(terms["fid"]) and terms["fid"] > 0
-  grads = grad_fn(state.params)
   norms = {k: float(train.optax.global_norm(v)) for k, v in grads.items()}
   assert all(np.isfinite(list(norms.values()))), norms
   assert norms["shape"] > 0 and norms["flow"] > 0, norms     # FID moves shape and texture (§3.3)
+
+
+def _one_step(config, mesh, batch):
+  sphere = components.sphere_for(config)
+  model = components.make_model(config, sphere)
+  disc = reconstructor.Discriminator(config.model.disc_channels, config.model.disc_layers)
+  tx = disc_tx = train.optax.adam(1e-3)
+  state = train.create_state(config, model, disc, tx, disc_tx, (1, 64, 64, 3))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  step = train.jit_train_step(config, model, disc, sphere, tx, disc_tx, mesh)
+  new_state, metrics = step(jax.device_put(state, replicated), jax.device_put(batch, data), {})
+  return jax.device_get(new_state), {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def test_ordered_reduction_is_the_same_step():
+  """config.reduction='ordered' (per-device step, sums in device order) computes what the global
+  view computes, to float32 rounding: every loss term, the gradient norm, the BatchNorm statistics.
+  (Without the GAN, whose random novel views are drawn per device in ordered mode.)"""
+  config = test_config.get_config()
+  config.loss_weights.gan = 0.0
+  # The lookahead is per sample (nothing to sum across devices) and doubles the compile time; the
+  # two-process test runs it in ordered mode.
+  config.loss_weights.variance_lookahead = 0.0
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+  examples = synthetic.make_examples(0, "train", range(8), synthetic.RenderSettings(image_size=64))
+  batch = {k: np.stack([e[k] for e in examples]).astype(np.float32) / 255 for k in ("image", "mask")}
+  batch["barrier"] = np.stack([components.AddBarrier().map({"mask": m})["barrier"] for m in batch["mask"]])
+  xla_state, xla = _one_step(config, mesh, batch)
+  config.reduction = "ordered"
+  ordered_state, ordered = _one_step(config, mesh, batch)
+  assert set(ordered) == set(xla)
+  for key, value in xla.items():
+    np.testing.assert_allclose(ordered[key], value, rtol=1e-4, atol=1e-7, err_msg=key)
+  for a, b in zip(jax.tree.leaves(ordered_state.batch_stats), jax.tree.leaves(xla_state.batch_stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_reduction_setting_is_checked():
+  config = test_config.get_config()
+  config.reduction = "fast"
+  with pytest.raises(ValueError, match=r"config.reduction='fast': must be one of xla, ordered"):
+    components.make_model(config, components.sphere_for(config))
+  config.reduction = "xla"
+  sphere = components.sphere_for(config)
+  model = components.make_model(config, sphere)
+  disc = reconstructor.Discriminator(config.model.disc_channels, config.model.disc_layers)
+  with pytest.raises(ValueError, match=r"needs a model built with the same batch_axis"):
+    train.make_train_step(config, model, disc, sphere, None, None, batch_axis="data")
