@@ -39,7 +39,8 @@ def all_gather(x: jax.Array, axis_name: str) -> jax.Array:
   """(...) on each device -> (D, ...), device d's value at index d, the same on every device.
 
   The backward pass returns to each device the sum, in device order, of every device's cotangent
-  for its slice (`lax.all_gather`'s own transpose is a reduce-scatter in the runtime's order).
+  for its slice (`lax.all_gather`'s own transpose is a reduce-scatter in the runtime's order); the
+  slices travel by an all-to-all.
   """
   return jax.lax.all_gather(x, axis_name)
 
@@ -49,8 +50,9 @@ def _all_gather_fwd(x, axis_name):
 
 
 def _all_gather_bwd(axis_name, _, cotangent):
-  everyone = jax.lax.all_gather(cotangent, axis_name)                 # (D_from, D, ...)
-  mine = jax.lax.dynamic_index_in_dim(everyone, jax.lax.axis_index(axis_name), axis=1, keepdims=False)
+  # Row d of `mine`: device d's cotangent for this device's slice (an all-to-all: each device
+  # receives only its own slices, D times the input's size rather than D²).
+  mine = jax.lax.all_to_all(cotangent, axis_name, split_axis=0, concat_axis=0)
   return (ordered_sum(mine),)
 
 
