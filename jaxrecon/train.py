@@ -192,11 +192,12 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx, batch_axi
 
   `batch_axis`: None for jit's global view (XLA adds the cross-device sums); a `jax.shard_map` axis
   name for the per-device step of ``config.reduction='ordered'``, which sums over that axis in device
-  order (the model must have been built with the same `batch_axis`, see `components.make_model`).
+  order (the model must have the same `batch_axis`: `components.make_model` of an 'ordered' config).
   """
   if batch_axis is not None and getattr(model, "batch_axis", None) != batch_axis:
     raise ValueError(f"make_train_step(batch_axis={batch_axis!r}) needs a model built with the same batch_axis "
-                     f"(components.make_model(..., batch_axis=...)); the model has {getattr(model, 'batch_axis', None)!r}")
+                     f"(components.make_model of a config with reduction='ordered'); the model has "
+                     f"{getattr(model, 'batch_axis', None)!r}")
   # Means over the global batch: local means, then (per device) the ordered mean over devices.
   cross_device_mean = (lambda x: x) if batch_axis is None else functools.partial(collectives.pmean, axis_name=batch_axis)
   global_batch = (lambda x: x) if batch_axis is None else functools.partial(collectives.gather_batch, axis_name=batch_axis)
