@@ -99,6 +99,20 @@ def face_flow(uv_flow, uv_sampler):
   return ops.grid_sample(uv_flow, jnp.broadcast_to(uv_sampler, (b,) + uv_sampler.shape), align_corners=True)
 
 
+def sample_texture(config, image, flow, variance):
+  """Per-texel colours sampled from the image by the flow, through the sampler of
+  ``config.variance`` (Eq. 11 for 'paper': GS(I·V); 'adaptive' samples GS(I) and changes only the
+  flow's gradient; 'none' or no variance map: plain bilinear). Training and evaluation both call
+  it, so a model is scored on the texture it was trained to produce.
+
+  (B, H, W, C), (B, F, T², 2), (B, H, W, 1) or None -> (B, F, T², C).
+  """
+  if config.variance.mode == "none" or variance is None:
+    return ops.grid_sample(image, flow, align_corners=True)
+  return ops.variance_grid_sample(image, flow, variance, mode=config.variance.mode,
+                                  combine=config.variance.combine, align_corners=True)
+
+
 def make_screen_faces(config, faces):
   """(B, V, 3) vertices, (B, 7) cameras -> (B, F, 3, 3) screen-space faces for the rasterizer."""
   def screen_faces(vertices, cams):

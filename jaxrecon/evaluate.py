@@ -2,7 +2,8 @@ r"""Evaluate a trained workdir: ``python -m jaxrecon.evaluate --workdir=DIR [--s
 
   python -m jaxrecon.evaluate --workdir=workdir/synthetic --split=test \
       [--protocol=default|umr_compatible] [--seed=0] [--inception=fid_inception.npz] \
-      [--kp_pairs=10000] [--data_dir=...] [--config=configs/synthetic.py --config.data.data_dir=...]
+      [--kp_pairs=10000] [--data_dir=...] [--save_predictions]
+      [--config=configs/synthetic.py --config.data.data_dir=...]
 
 Loads the config the run saved (<workdir>/config.json; `--config` gives one explicitly instead) and
 the latest checkpoint, scores every image of the split under the protocol (see
@@ -11,7 +12,9 @@ the data has keypoints, and on synthetic data the 3D and held-out-view metrics),
 table and writes <workdir>/eval_<split>[_<protocol>]/metrics.json (protocol, step, image count, and
 per metric its value and definition, or why it was skipped) and metrics.md (the table). The
 default protocol's folder has no suffix: eval_test/; the UMR-compatible one is
-eval_test_umr_compatible/.
+eval_test_umr_compatible/. With --save_predictions the folder also gets predictions.npz: vertices
+(N, V, 3) in the model's canonical frame, camera (N, 7) the scored hypothesis [s, tx, ty, qw, qx, qy,
+qz], probs (N, H) the hypotheses' probabilities and index (N,) each example's position in the split.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def define_flags():
   flags.DEFINE_string("out", None, "Output folder (default <workdir>/eval_<split>[_<protocol>]).")
   flags.DEFINE_integer("max_batches", 0, "Batches to score (0 = the whole split, as the protocols define; the "
                        "run's config.eval.max_batches is ignored).")
+  flags.DEFINE_bool("save_predictions", False, "Also write predictions.npz (vertices, camera, probs, index) "
+                    "into the output folder.")
   config_flags.DEFINE_config_file("config", None, "Optional config file (configs/*.py) instead of "
                                   "<workdir>/config.json.", lock_config=False)
   flags.DEFINE_string("compilation_cache", os.path.join("~", ".cache", "jaxrecon", "xla"),
@@ -58,7 +63,8 @@ def output_dir(workdir: str, split: str, protocol: str) -> str:
 
 def run(workdir: str, split: str = "test", protocol: str = "default", *, config=None, seed: int = 0,
         inception: str | None = None, kp_pairs: int | None = None, data_dir: str | None = None,
-        out: str | None = None, max_batches: int | None = 0, fid_features=None) -> dict:
+        out: str | None = None, max_batches: int | None = 0, fid_features=None,
+        save_predictions: bool = False) -> dict:
   """Evaluate `workdir`'s latest checkpoint; writes metrics.json and metrics.md and returns the report.
 
   `max_batches` 0 scores the whole split (the protocols' definition) whatever the run's
@@ -79,12 +85,13 @@ def run(workdir: str, split: str = "test", protocol: str = "default", *, config=
   sphere, model, state = evaluation.restore_model(workdir, config)
   logging.info("Evaluating %s step %d on %s/%s (%s protocol)", workdir, state.step, config.data.dataset, split,
                protocol)
+  out = out or output_dir(workdir, split, protocol)
+  predictions_path = os.path.join(out, evaluation.PREDICTIONS_FILE) if save_predictions else None
   results = evaluation.evaluate(config, model, sphere, state, split=split, protocol=protocol, seed=seed,
-                                kp_pairs=kp_pairs, fid_features=fid_features)
+                                kp_pairs=kp_pairs, fid_features=fid_features, predictions_path=predictions_path)
   report = evaluation.make_report(results, config, split, protocol, seed,
                                   workdir=os.path.abspath(workdir),
                                   checkpoint=os.path.join(os.path.abspath(workdir), "checkpoints", str(state.step)))
-  out = out or output_dir(workdir, split, protocol)
   json_path, md_path = evaluation.write_report(report, out)
   print(evaluation.markdown_table(report))
   print(f"Wrote {json_path} and {md_path}")
@@ -100,7 +107,7 @@ def main(argv):
   try:
     run(FLAGS.workdir, FLAGS.split, FLAGS.protocol, config=FLAGS.config, seed=FLAGS.seed,
         inception=FLAGS.inception, kp_pairs=FLAGS.kp_pairs, data_dir=FLAGS.data_dir, out=FLAGS.out,
-        max_batches=FLAGS.max_batches)
+        max_batches=FLAGS.max_batches, save_predictions=FLAGS.save_predictions)
   except FileNotFoundError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -52,7 +52,8 @@ PROTOCOLS = {
 }
 
 # The metrics that need the default protocol (skipped under umr_compatible).
-_DEFAULT_ONLY = ("fid", "pck_0.1", "pck_0.15", "camera_error_deg", "chamfer_3d", "f_score", "novel_view_l1",
+_CAMERA_METRICS = ("camera_error_deg", "camera_error_twin_deg", "camera_error_raw_deg")
+_DEFAULT_ONLY = ("fid", "pck_0.1", "pck_0.15", *_CAMERA_METRICS, "chamfer_3d", "f_score", "novel_view_l1",
                  "novel_view_ssim")
 
 METRICS = {
@@ -61,8 +62,17 @@ METRICS = {
     "ssim": ("SSIM (skimage convention: Gaussian window sigma=1.5, K1=0.01, K2=0.03, data range 1, "
              "mean over the valid region and RGB) of the render on black vs image*mask (umr.md §4.3)"),
     "texture_l1": "mean |render*silhouette - image*mask| over pixels and channels (Eq. 10)",
-    "camera_error_deg": ("geodesic angle (degrees) between the predicted and true camera rotations "
+    "camera_error_deg": ("median over images of the geodesic angle (degrees) between the predicted camera "
+                         "rotation, after one change of the model's canonical frame fitted on the split (a "
+                         "turn about the mirror-plane normal, with or without a 180-degree flip; "
+                         "metrics.shape.fit_camera_frame, reported as camera_frame), and the true rotation "
                          "(synthetic ground truth)"),
+    "camera_error_twin_deg": ("as camera_error_deg, but a prediction may match the true camera or its mirror "
+                              "twin (metrics.shape.mirror_twin: the camera whose silhouette of a symmetric "
+                              "shape is identical), whichever is closer: what silhouettes alone can decide"),
+    "camera_error_raw_deg": ("mean geodesic angle (degrees) between the predicted and true camera rotations "
+                             "with no change of frame: meaningful only for models whose canonical frame is "
+                             "the generator's (uniformly random rotations score 126 on average)"),
     "chamfer_3d": ("symmetric squared Chamfer distance (sum of the two directional means) between the "
                    "predicted and true vertices, each rotated into its own camera's view frame, centred "
                    "and scaled to unit RMS radius (metrics.shape.align_to_camera_frame)"),
@@ -153,14 +163,61 @@ def masked_l1_within(render, gt, mask):
   return num / jnp.maximum(render.shape[-1] * jnp.sum(mask, axis=(1, 2, 3)), 1e-12)
 
 
+def make_scorer(config, sphere, protocol: str = "default"):
+  """(batch, vertices, cam, colours, key) -> (per-image metrics, rgba, random_view): the per-image
+  metrics of a prediction, whoever made it (the network in `make_eval_step`, or the oracles of
+  benchmarks/ceiling.py).
+
+  Args of the returned function: batch (image, mask and, where present, camera, vertices,
+  novel_views, novel_cameras); vertices (B, V, 3) canonical shape; cam (B, 7) the scored camera;
+  colours (B, F, T², 3) the per-texel colours; key for the random novel view of FID.
+  Returns: metrics {name: (B,)} (definitions in `METRICS`), rgba (B, S, S, 4) the render from `cam`,
+  random_view (B, S, S, 3) the prediction from a random novel camera (Eq. 36) on black.
+  """
+  rasterize = components.make_rasterizer(config, for_evaluation=True)
+  screen_faces = components.make_screen_faces(config, sphere.faces)
+  f_threshold = _f_threshold(config)
+
+  def score(batch, vertices, cam, colours, key):
+    image, mask = batch["image"], batch["mask"]
+    rgba = rasterize(screen_faces(vertices, cam), colours)
+    metrics = {
+        "mask_iou": image_metrics.mask_iou(rgba[..., 3], mask[..., 0]),
+        "ssim": image_metrics.ssim(rgba[..., :3] * rgba[..., 3:], image, mask),
+        "texture_l1": losses.masked_l1(rgba[..., :3], rgba[..., 3:], image, mask),
+    }
+    if protocol == "default" and "camera" in batch and "vertices" in batch:
+      # The aligned camera errors need the whole split (one change of frame): `evaluate` computes them.
+      metrics["camera_error_raw_deg"] = shape_metrics.rotation_error_degrees(cam[:, 3:], batch["camera"][:, 3:])
+      pred_aligned = shape_metrics.align_to_camera_frame(vertices, cam)
+      gt_aligned = shape_metrics.align_to_camera_frame(batch["vertices"], batch["camera"])
+      metrics["chamfer_3d"] = shape_metrics.chamfer_distance(pred_aligned, gt_aligned)
+      metrics["f_score"] = shape_metrics.f_score(pred_aligned, gt_aligned, f_threshold)
+    if protocol == "default" and "novel_views" in batch and "novel_cameras" in batch:
+      l1s, ssims = [], []
+      for v in range(batch["novel_views"].shape[1]):
+        novel_cam = relative_novel_camera(cam, batch["camera"], batch["novel_cameras"][:, v])
+        view = rasterize(screen_faces(vertices, novel_cam), colours)
+        render = view[..., :3] * view[..., 3:]
+        gt = batch["novel_views"][:, v]
+        gt_rgb, gt_mask = gt[..., :3], gt[..., 3:]
+        l1s.append(masked_l1_within(render, gt_rgb, gt_mask))
+        ssims.append(masked_ssim(render, gt_rgb * gt_mask, gt_mask))
+      metrics["novel_view_l1"] = jnp.mean(jnp.stack(l1s), axis=0)
+      metrics["novel_view_ssim"] = jnp.mean(jnp.stack(ssims), axis=0)
+    random_view = rasterize(screen_faces(vertices, components.random_novel_cameras(key, cam)), colours)
+    return metrics, rgba, random_view[..., :3] * random_view[..., 3:]
+
+  return score
+
+
 def make_eval_step(config, model, sphere, protocol: str = "default"):
   """(params, batch_stats, batch, key=None) -> (per-image metrics, outputs), deterministic given key.
 
   Protocols: see the module docstring (`PROTOCOLS`). Colours are sampled from the input by the
-  predicted flow without the variance branch (it only changes gradients). Per-image metrics
-  (definitions in `METRICS`): mask_iou, ssim, texture_l1; under ``default`` and where the batch has
-  synthetic 3D ground truth (`camera`, `vertices`): camera_error_deg, chamfer_3d, f_score; and with
-  held-out views (`novel_views`, `novel_cameras`): novel_view_l1, novel_view_ssim.
+  predicted flow through the sampler the model was trained with: plain bilinear sampling, or for
+  ``variance.mode='paper'`` (Eq. 11 literally) the variance-modulated image GS(I·V) that training
+  rendered (the 'adaptive' branch only changes gradients). Per-image metrics: see `make_scorer`.
 
   Outputs: render (B, S, S, 4), cam (B, 7), colours, pred, flow (B, F, T², 2) (the per-face flow
   for keypoint transfer), image (the input as scored, i.e. flipped under umr_compatible) and
@@ -169,9 +226,7 @@ def make_eval_step(config, model, sphere, protocol: str = "default"):
   if protocol not in PROTOCOLS:
     raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
   uv_sampler = components.make_uv_sampler(config, sphere)
-  rasterize = components.make_rasterizer(config, for_evaluation=True)
-  screen_faces = components.make_screen_faces(config, sphere.faces)
-  f_threshold = _f_threshold(config)
+  score = make_scorer(config, sphere, protocol)
 
   def eval_step(params, batch_stats, batch, key=None):
     image, mask = batch["image"], batch["mask"]
@@ -189,34 +244,11 @@ def make_eval_step(config, model, sphere, protocol: str = "default"):
       best = jnp.argmax(pred.cam_probs, axis=1)
     cam = pred.cam_hypotheses[jnp.arange(b), best]
     flow = components.face_flow(pred.uv_flow, uv_sampler)
-    colours = ops.grid_sample(image, flow, align_corners=True)
-    rgba = rasterize(screen_faces(pred.vertices, cam), colours)
-    metrics = {
-        "mask_iou": image_metrics.mask_iou(rgba[..., 3], mask[..., 0]),
-        "ssim": image_metrics.ssim(rgba[..., :3] * rgba[..., 3:], image, mask),
-        "texture_l1": losses.masked_l1(rgba[..., :3], rgba[..., 3:], image, mask),
-    }
-    if protocol == "default" and "camera" in batch and "vertices" in batch:
-      metrics["camera_error_deg"] = shape_metrics.rotation_error_degrees(cam[:, 3:], batch["camera"][:, 3:])
-      pred_aligned = shape_metrics.align_to_camera_frame(pred.vertices, cam)
-      gt_aligned = shape_metrics.align_to_camera_frame(batch["vertices"], batch["camera"])
-      metrics["chamfer_3d"] = shape_metrics.chamfer_distance(pred_aligned, gt_aligned)
-      metrics["f_score"] = shape_metrics.f_score(pred_aligned, gt_aligned, f_threshold)
-    if protocol == "default" and "novel_views" in batch and "novel_cameras" in batch:
-      l1s, ssims = [], []
-      for v in range(batch["novel_views"].shape[1]):
-        novel_cam = relative_novel_camera(cam, batch["camera"], batch["novel_cameras"][:, v])
-        view = rasterize(screen_faces(pred.vertices, novel_cam), colours)
-        render = view[..., :3] * view[..., 3:]
-        gt = batch["novel_views"][:, v]
-        gt_rgb, gt_mask = gt[..., :3], gt[..., 3:]
-        l1s.append(masked_l1_within(render, gt_rgb, gt_mask))
-        ssims.append(masked_ssim(render, gt_rgb * gt_mask, gt_mask))
-      metrics["novel_view_l1"] = jnp.mean(jnp.stack(l1s), axis=0)
-      metrics["novel_view_ssim"] = jnp.mean(jnp.stack(ssims), axis=0)
-    random_view = rasterize(screen_faces(pred.vertices, components.random_novel_cameras(view_key, cam)), colours)
+    colours = components.sample_texture(config, image, flow, pred.variance)
+    metrics, rgba, random_view = score({**batch, "image": image, "mask": mask}, pred.vertices, cam, colours,
+                                       view_key)
     outputs = {"render": rgba, "cam": cam, "colours": colours, "pred": pred, "flow": flow, "image": image,
-               "random_view": random_view[..., :3] * random_view[..., 3:]}
+               "random_view": random_view}
     return metrics, outputs
 
   return eval_step
@@ -301,6 +333,36 @@ def keypoint_transfer_pck(keypoints, flows, num_pairs: int, alphas=(0.1, 0.15), 
   return result
 
 
+def camera_errors(q_pred, q_true) -> dict:
+  """The split's camera errors after one change of the model's canonical frame.
+
+  Args:
+    q_pred, q_true: (N, 4) predicted and true camera quaternions.
+  Returns:
+    median, mean (aligned errors, degrees), twin_median (a camera or its mirror twin counts as right),
+    turn_deg and flip (the change of frame found; `metrics.shape.fit_camera_frame`), errors and
+    twin_errors (N,).
+  """
+  fit = shape_metrics.fit_camera_frame(q_pred, q_true)
+  errors, twin = np.asarray(fit["errors"]), np.asarray(fit["twin_errors"])
+  return {"median": float(np.median(errors)), "mean": float(np.mean(errors)),
+          "twin_median": float(np.median(twin)), "turn_deg": fit["turn_deg"], "flip": fit["flip"],
+          "errors": errors, "twin_errors": twin}
+
+
+PREDICTIONS_FILE = "predictions.npz"
+
+
+def save_predictions(path: str, predictions: dict):
+  """Write a split's predictions as .npz: vertices (N, V, 3) in the model's canonical frame, camera
+  (N, 7) the scored hypothesis ``[s, tx, ty, qw, qx, qy, qz]``, probs (N, H) the hypotheses'
+  probabilities and index (N,) each example's position in the split (read in order)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  n = len(predictions["camera"])
+  np.savez_compressed(path, index=np.arange(n), **predictions)
+  logging.info("Wrote the predictions of %d images to %s", n, path)
+
+
 # ----------------------------------------------------------------------------------------------
 # The split loop
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +377,7 @@ def _has_keypoints(batch) -> bool:
 
 def evaluate(config, model, sphere, state, writer=None, split: str | None = None, eval_step=None, *,
              protocol: str = "default", seed: int = 0, fid_variables=None, kp_pairs: int | None = None,
-             fid_features=None) -> dict:
+             fid_features=None, predictions_path: str | None = None) -> dict:
   """Every metric over every image of `split` (default `config.eval.split`) under `protocol`.
 
   Per-image metrics come from `make_eval_step` (pass a jitted one to reuse one compilation across
@@ -327,8 +389,12 @@ def evaluate(config, model, sphere, state, writer=None, split: str | None = None
   * Keypoint-transfer PCK@0.1/0.15 (default protocol) when the data has keypoints (CUB, synthetic),
     over `kp_pairs` pairs (default ``config.eval.kp_pairs``, else UMR's 10000); skipped otherwise.
 
+  * The camera errors (default protocol, synthetic data): one change of frame fitted on the split
+    (`camera_errors`), then the median aligned and twin-aware errors.
+
   Held-out views are used where the split has them (synthetic validation/test; the train split
-  stores all-zero ones, which are ignored).
+  stores all-zero ones, which are ignored). `predictions_path`: also write the predictions
+  (`save_predictions`).
 
   Returns:
     {'eval/<split>/<metric>': mean, 'eval/<split>/num_images': N, 'step': step,
@@ -359,7 +425,8 @@ def evaluate(config, model, sphere, state, writer=None, split: str | None = None
 
   loader = components.make_data(config, split, shuffle=False, num_epochs=1, drop_remainder=False)
   base_key = jax.random.key(seed)
-  values, keypoints, flows = {}, [], []
+  values, keypoints, flows, cameras = {}, [], [], {"pred": [], "true": []}
+  predictions = {"vertices": [], "camera": [], "probs": []}
   real_stats, fake_stats = fid_lib.StreamingStatistics(), fid_lib.StreamingStatistics()
   batch_size = None
   for i, batch in enumerate(loader):
@@ -378,6 +445,13 @@ def evaluate(config, model, sphere, state, writer=None, split: str | None = None
                            jax.random.fold_in(base_key, i))
     for k, v in out.items():
       values.setdefault(k, []).append(np.asarray(v)[:n])
+    if "camera" in inputs and protocol == "default":
+      cameras["pred"].append(np.asarray(extra["cam"][:n, 3:]))
+      cameras["true"].append(inputs["camera"][:n, 3:])
+    if predictions_path is not None:
+      predictions["vertices"].append(np.asarray(extra["pred"].vertices[:n], np.float32))
+      predictions["camera"].append(np.asarray(extra["cam"][:n], np.float32))
+      predictions["probs"].append(np.asarray(extra["pred"].cam_probs[:n], np.float32))
     if protocol == "default" and _has_keypoints(batch):
       keypoints.append(np.asarray(batch["keypoints"], np.float32))
       flows.append(np.asarray(extra["flow"][:n], np.float16))
@@ -398,6 +472,13 @@ def evaluate(config, model, sphere, state, writer=None, split: str | None = None
       logging.info("umr_compatible: %d images < UMR's batch of %d; all are scored (UMR would score none)",
                    num_images, UMR_BATCH_SIZE)
   results = {f"eval/{split}/{k}": float(np.mean(v)) for k, v in per_image.items()}
+  if cameras["pred"]:
+    fit = camera_errors(np.concatenate(cameras["pred"])[:num_images], np.concatenate(cameras["true"])[:num_images])
+    results[f"eval/{split}/camera_error_deg"] = fit["median"]
+    results[f"eval/{split}/camera_error_twin_deg"] = fit["twin_median"]
+    results[f"eval_frame/{split}"] = {"turn_deg": fit["turn_deg"], "flip": fit["flip"]}
+  if predictions_path is not None:
+    save_predictions(predictions_path, {k: np.concatenate(v)[:num_images] for k, v in predictions.items()})
 
   if fid_features is not None:
     if real_stats.count < 2:
@@ -416,8 +497,8 @@ def evaluate(config, model, sphere, state, writer=None, split: str | None = None
     for k in ("pck_0.1", "pck_0.15"):
       skipped[k] = f"the {config.data.dataset} {split} split has no keypoints"
     logging.info("PCK skipped: %s", skipped["pck_0.1"])
-  if protocol == "default" and "camera_error_deg" not in per_image:
-    for k in ("camera_error_deg", "chamfer_3d", "f_score"):
+  if protocol == "default" and "camera_error_raw_deg" not in per_image:
+    for k in _CAMERA_METRICS + ("chamfer_3d", "f_score"):
       skipped[k] = "no 3D ground truth (synthetic data only)"
   if protocol == "default" and "novel_view_l1" not in per_image:
     for k in ("novel_view_l1", "novel_view_ssim"):
@@ -440,7 +521,7 @@ def evaluate(config, model, sphere, state, writer=None, split: str | None = None
 # ----------------------------------------------------------------------------------------------
 
 # Table order; anything else evaluated comes after.
-_ORDER = ("mask_iou", "ssim", "texture_l1", "fid", "pck_0.1", "pck_0.15", "camera_error_deg", "chamfer_3d",
+_ORDER = ("mask_iou", "ssim", "texture_l1", "fid", "pck_0.1", "pck_0.15", *_CAMERA_METRICS, "chamfer_3d",
           "f_score", "novel_view_l1", "novel_view_ssim")
 
 
@@ -463,7 +544,8 @@ def make_report(results: dict, config, split: str, protocol: str, seed: int = 0,
       metrics[name] = {"status": "skipped", "reason": skipped[name], "definition": definition}
   return {"split": split, "dataset": config.data.dataset, "protocol": protocol,
           "protocol_description": PROTOCOLS[protocol], "seed": seed, "step": results["step"],
-          "num_images": num_images, "kp_pairs": kp_pairs, **info, "metrics": metrics}
+          "num_images": num_images, "kp_pairs": kp_pairs,
+          "camera_frame": results.get(f"eval_frame/{split}"), **info, "metrics": metrics}
 
 
 def markdown_table(report: dict) -> str:
@@ -476,6 +558,11 @@ def markdown_table(report: dict) -> str:
       lines.append(f"| {name} | {m['value']:.4f} | |")
     else:
       lines.append(f"| {name} | skipped | {m['reason']} |")
+  frame = report.get("camera_frame")
+  if frame:
+    lines += ["", f"Camera errors after the change of canonical frame fitted on the split: a turn of "
+                  f"{frame['turn_deg']:.1f} degrees about the mirror-plane normal"
+                  + (", after the 180-degree flip." if frame["flip"] else ", no flip.")]
   return "\n".join(lines) + "\n"
 
 

@@ -214,11 +214,7 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx, batch_axi
   parts = part_setup(config, sphere)
   gan_on_silhouettes = discriminator_channels(config) == 1
 
-  def sample_colours(image, flow, variance):
-    if config.variance.mode == "none" or variance is None:
-      return ops.grid_sample(image, flow, align_corners=True)
-    return ops.variance_grid_sample(image, flow, variance, mode=config.variance.mode,
-                                    combine=config.variance.combine, align_corners=True)
+  sample_colours = functools.partial(components.sample_texture, config)
 
   def predict(params, batch_stats, image):
     """Network forward (train mode) and the per-face flow φ(UV flow) (Eq. 7-9)."""

@@ -97,7 +97,7 @@ def _cheap_features(images):
 
 @pytest.fixture(scope="module")
 def default_report(workdir):
-  return evaluate.run(workdir, "test", "default", kp_pairs=64, fid_features=_cheap_features)
+  return evaluate.run(workdir, "test", "default", kp_pairs=64, fid_features=_cheap_features, save_predictions=True)
 
 
 def test_default_report(workdir, default_report):
@@ -108,8 +108,9 @@ def test_default_report(workdir, default_report):
   assert report["step"] == 1 and report["num_images"] == 8 and report["protocol"] == "default"
   assert report["protocol_description"] == evaluation.PROTOCOLS["default"]
   m = report["metrics"]
-  expected = {"mask_iou", "ssim", "texture_l1", "fid", "pck_0.1", "pck_0.15", "camera_error_deg", "chamfer_3d",
-              "f_score", "novel_view_l1", "novel_view_ssim"}
+  expected = {"mask_iou", "ssim", "texture_l1", "fid", "pck_0.1", "pck_0.15", "camera_error_deg",
+              "camera_error_twin_deg", "camera_error_raw_deg", "chamfer_3d", "f_score", "novel_view_l1",
+              "novel_view_ssim"}
   assert set(m) == expected
   for name, entry in m.items():
     assert "value" in entry, (name, entry)
@@ -123,6 +124,33 @@ def test_default_report(workdir, default_report):
   with open(os.path.join(out, "metrics.md")) as f:
     table = f.read()
   assert "| mask_iou | " in table and "protocol `default`" in table
+  assert "change of canonical frame" in table and 0 <= report["camera_frame"]["turn_deg"] < 360
+
+
+def test_saved_predictions_are_what_was_scored(workdir, default_report):
+  """predictions.npz holds the scored cameras and shapes: the report's camera errors and chamfer come
+  back from the file and the dataset's ground truth."""
+  from jaxrecon import components
+  from jaxrecon.metrics import shape
+  with np.load(os.path.join(workdir, "eval_test", evaluation.PREDICTIONS_FILE)) as f:
+    pred = dict(f)
+  config = evaluation.load_config(workdir)
+  truth = list(components.make_data(config, "test", shuffle=False, num_epochs=1, drop_remainder=False))
+  cams = np.concatenate([b["camera"] for b in truth])
+  vertices = np.concatenate([b["vertices"] for b in truth])
+  n = len(cams)
+  assert pred["vertices"].shape == (n, 642, 3) and pred["camera"].shape == (n, 7)
+  np.testing.assert_array_equal(pred["index"], np.arange(n))
+  np.testing.assert_allclose(pred["probs"].sum(1), 1.0, atol=1e-5)
+  m = default_report["metrics"]
+  raw = shape.rotation_error_degrees(pred["camera"][:, 3:], cams[:, 3:])
+  np.testing.assert_allclose(np.mean(raw), m["camera_error_raw_deg"]["value"], rtol=1e-5)
+  fit = evaluation.camera_errors(pred["camera"][:, 3:], cams[:, 3:])
+  assert fit["median"] == pytest.approx(m["camera_error_deg"]["value"], rel=1e-6)
+  assert fit["twin_median"] <= fit["median"] + 1e-6
+  chamfer = shape.chamfer_distance(shape.align_to_camera_frame(pred["vertices"], pred["camera"]),
+                                   shape.align_to_camera_frame(vertices, cams))
+  np.testing.assert_allclose(np.mean(chamfer), m["chamfer_3d"]["value"], rtol=1e-4)
 
 
 def test_fid_skipped_without_weights_and_umr_protocol_is_seeded(workdir, default_report):

@@ -50,6 +50,7 @@ def test_outputs(straight_run):
     assert 0.0 <= results[f"eval/{split}/mask_iou"] <= 1.0
     assert -1.0 <= results[f"eval/{split}/ssim"] <= 1.0
     assert 0.0 <= results[f"eval/{split}/camera_error_deg"] <= 180.0
+    assert 0.0 <= results[f"eval/{split}/camera_error_twin_deg"] <= 180.0
     assert 0.0 < results[f"eval/{split}/chamfer_3d"] < 8.0     # unit-RMS shapes
   with open(os.path.join(workdir, "metrics.json")) as f:
     assert json.load(f)["step"] == 3
