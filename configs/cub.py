@@ -52,12 +52,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.disc_channels = 64
   config.model.disc_layers = 5
 
+  # UMR's renderer (NVlabs/UMR nnutils/smr.py, SoftRenderer's defaults): sigma 1e-5, gamma 1e-4 and
+  # dist_eps 1e-10, so faces up to ~23 sigma outside a pixel still reach it (SoftRas's own default 1e-4
+  # keeps only ~9 sigma).
   config.render.sigma = 1e-5
   config.render.gamma = 1e-4
-  config.render.dist_eps = 1e-4
+  config.render.dist_eps = 1e-10
 
   config.variance.mode = "adaptive"
-  config.variance.combine = "add"
+  config.variance.combine = "replace"   # neutral at D_var's initial V = 1 (configs/synthetic.py)
 
   # umr.md §2.1 (stage 2), plus the paper's variance lookahead and FID.
   w = config.loss_weights

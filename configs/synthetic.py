@@ -82,8 +82,13 @@ def get_config() -> ml_collections.ConfigDict:
   # The paper's variance branch (§3.2): 'none' (UMR), 'paper' (Eq. 11) or 'adaptive' (Eq. 16-17).
   config.variance = ml_collections.ConfigDict()
   config.variance.mode = "adaptive"
-  config.variance.combine = "add"
-  config.variance.lookahead_step = 0.1
+  # 'replace' (Eq. 17): the flow's gradient is h(I*V), exactly UMR's at V = 1 (D_var's initial value),
+  # so the variance rows of the ablation start from the UMR row. ('add', h(I) + h(I*V), starts at twice
+  # UMR's texture gradient: an effective loss weight, not the branch.)
+  config.variance.combine = "replace"
+  # Eq. 31's one look-ahead step, as an RMS displacement of the texture flow in pixels (the raw
+  # gradient step of a per-image-mean loss moved it by ~0.02 px: no look-ahead at all).
+  config.variance.lookahead_step_px = 1.0
 
   # Loss weights (UMR's stage 2, umr.md §2.1, plus the paper's terms).
   config.loss_weights = ml_collections.ConfigDict()

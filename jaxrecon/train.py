@@ -280,8 +280,9 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx, batch_axi
       inner = lambda f, v: jnp.sum(colour_grad * ops.variance_grid_sample(
           image, f, v, mode="adaptive", combine=config.variance.combine, align_corners=True))
       outer = lambda f: jnp.mean(losses.texture_cycle_loss(f, p2f_image, visible))
+      # The step's RMS length is lookahead_step_px pixels (flow coordinates span 2 over S - 1 pixels).
       lookahead = ops.lookahead_loss(inner, outer, jax.lax.stop_gradient(flow), pred.variance,
-                                     step_size=config.variance.lookahead_step)
+                                     step_size=config.variance.lookahead_step_px * 2.0 / (s - 1), normalize=True)
       terms["variance_lookahead"] = jnp.broadcast_to(lookahead, (b,))
 
     if "texture_perceptual" in on:

@@ -176,6 +176,25 @@ def test_lookahead_meta_gradient_matches_finite_differences():
         np.testing.assert_allclose(np.sum(got * direction), numeric, rtol=1e-5, atol=1e-9)
 
 
+def test_lookahead_normalized_step_has_the_requested_length():
+  with jax.enable_x64(True):
+    image, grid, variance, _ = _inputs(1, seed=8, shape=(1, 6, 7, 3), dtype=np.float64)
+    target = jnp.asarray(np.random.default_rng(9).uniform(0.1, 1.0, (1, 4, 3, 3)))
+    inner = lambda g, v: 1e-3 * jnp.mean((variance_grid_sample(image, g, v, align_corners=True) - target) ** 2)
+    rms_step = lambda g: jnp.sqrt(jnp.mean((g - grid) ** 2))
+    length = lookahead_loss(inner, rms_step, grid, variance, step_size=0.3, normalize=True)
+    np.testing.assert_allclose(length, 0.3, rtol=1e-9)
+    raw = lookahead_loss(inner, rms_step, grid, variance, step_size=0.3)
+    assert raw < 1e-3      # the tiny gradient of a mean loss barely moves the coordinates
+    # The normaliser is held constant: the meta-gradient is that of the plain step of the same length.
+    outer = lambda g: jnp.sum((g - grid - 0.05) ** 2)
+    rms = jnp.sqrt(jnp.mean(jax.grad(inner)(grid, variance) ** 2))
+    got = jax.grad(lambda v: lookahead_loss(inner, outer, grid, v, step_size=0.3, normalize=True))(variance)
+    want = jax.grad(lambda v: lookahead_loss(inner, outer, grid, v, step_size=0.3 / rms))(variance)
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-12)
+    assert np.max(np.abs(got)) > 1e-6
+
+
 def test_jit_and_vmap():
   image, grid, variance, cotangent = _inputs(1, seed=8)
   fn = functools.partial(variance_grid_sample, padding_mode="reflection")

@@ -140,7 +140,8 @@ def variance_grid_sample_reference(image, grid, variance, *, mode: str = "adapti
   return plain + sample(modulated, grid) - sample(modulated, frozen)
 
 
-def lookahead_loss(inner_loss, outer_loss, params, variance, *, step_size: float):
+def lookahead_loss(inner_loss, outer_loss, params, variance, *, step_size: float,
+                   normalize: bool = False):
   """The one-step lookahead objective that trains the variance (Eq. 31-32).
 
   ``theta' = theta - step_size * d inner_loss(theta, variance) / d theta``, then
@@ -155,16 +156,29 @@ def lookahead_loss(inner_loss, outer_loss, params, variance, *, step_size: float
   ``mode='none'``) there to get the exact meta-gradient; sampling through the adaptive rule there
   too yields a surrogate (the modulated gradient at theta' replaces the true one).
 
+  With ``normalize=True`` the step is ``step_size * g / sg(rms(g))``: its RMS over the entries of
+  theta is `step_size` whatever the loss's scale (``sg`` = stop_gradient, so the meta-gradient still
+  flows through the direction g). A per-image-mean loss has tiny gradients (the default training
+  loss moved the flow by ~0.02 px per look-ahead step at step 0.1); normalising makes the look-ahead a
+  step of a chosen length (e.g. one pixel), so Eq. 31 scores where the flow would actually go.
+
   Args:
     inner_loss: ``(params, variance) -> scalar``, the training loss whose gradient moves theta
       (reconstruction and/or alignment, Eq. 10, 12, 19).
     outer_loss: ``params -> scalar``, evaluated at the updated parameters.
     params: pytree theta (the coordinates theta_c, or the parameters of D_flow).
     variance: pytree (usually a (B, H, W, 1) array) passed to ``inner_loss``.
-    step_size: alpha in Eq. 31-32.
+    step_size: alpha in Eq. 31-32 (with `normalize`, the RMS length of the step).
+    normalize: scale the step to RMS length `step_size` (see above).
   Returns:
     Scalar ``outer_loss(theta')``.
   """
   grads = jax.grad(inner_loss)(params, variance)
+  if normalize:
+    leaves = jax.tree.leaves(grads)
+    mean_square = sum(jnp.sum(g * g) for g in leaves) / sum(g.size for g in leaves)
+    # A zero gradient stays a zero step (tiny: the smallest normal number, not a scale-setting eps).
+    mean_square = jnp.maximum(mean_square, jnp.finfo(mean_square.dtype).tiny)
+    step_size = step_size / jax.lax.stop_gradient(jnp.sqrt(mean_square))
   updated = jax.tree.map(lambda p, g: p - step_size * g, params, grads)
   return outer_loss(updated)
