@@ -9,7 +9,7 @@ a model's metrics.json:
 
 * the template sphere (scaled to the true shapes' RMS radius), the split's mean true shape (vertex
   correspondence with the template sphere) and the true shape, each from the true camera;
-* the true shape from the mirror twin of the true camera (`metrics.shape.mirror_twin`): the same
+* the true shape from the mirror twin of the true camera (`geometry.camera.mirror_twin`): the same
   silhouette, the shape seen from the other side — what a silhouette-only model cannot rule out.
 
 Oracles have no texture flow: each texel takes the input's colour where the oracle's camera projects
@@ -117,7 +117,7 @@ def oracle_rows(config, split: str, workdir: str | None = None, kp_pairs: int = 
   mean_shape = jnp.asarray(true_vertices.mean(0))
   template = np.asarray(sphere.vertices, np.float32)
   template = jnp.asarray(template * np.sqrt((true_vertices**2).sum(-1).mean() / (template**2).sum(-1).mean()))
-  twin = lambda cam: cam.at[:, 3:].set(shape_metrics.mirror_twin(cam[:, 3:]))
+  twin = lambda cam: cam.at[:, 3:].set(camera_lib.mirror_twin(cam[:, 3:]))
   broadcast = lambda shape, batch: jnp.broadcast_to(shape, batch["vertices"].shape)
   choices = {
       "sphere (true RMS radius), true camera": lambda b, _: (broadcast(template, b), b["camera"]),

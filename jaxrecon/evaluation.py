@@ -68,7 +68,7 @@ METRICS = {
                          "metrics.shape.fit_camera_frame, reported as camera_frame), and the true rotation "
                          "(synthetic ground truth)"),
     "camera_error_twin_deg": ("as camera_error_deg, but a prediction may match the true camera or its mirror "
-                              "twin (metrics.shape.mirror_twin: the camera whose silhouette of a symmetric "
+                              "twin (geometry.camera.mirror_twin: the camera whose silhouette of a symmetric "
                               "shape is identical), whichever is closer: what silhouettes alone can decide"),
     "camera_error_raw_deg": ("mean geodesic angle (degrees) between the predicted and true camera rotations "
                              "with no change of frame: meaningful only for models whose canonical frame is "

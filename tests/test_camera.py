@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from jaxrecon import render
 from jaxrecon.geometry import camera
+from jaxrecon.geometry import mesh
+from jaxrecon.geometry.camera import project_to_screen
 
 
 def _random_quats(n, seed=0):
@@ -126,3 +129,56 @@ def test_view_quaternions_match_the_synthetic_cameras():
   side = camera.view_quaternions(np.zeros(1))[0]
   xy, _ = camera.project(jnp.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]), jnp.concatenate([jnp.array([1.0, 0, 0]), side]))
   np.testing.assert_allclose(np.asarray(xy), [[0.0, -1.0], [1.0, 0.0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("az,el", [(20.0, 10.0), (170.0, -5.0), (60.0, 30.0), (-100.0, 45.0)])
+def test_mirror_twin_and_horizontal_flip_in_the_generator_angles(az, el):
+  """twin: (azimuth, elevation) -> (-azimuth, -elevation); flip: -> (180 - azimuth, elevation)."""
+  from jaxrecon.data import synthetic
+  from jaxrecon.metrics import shape
+  cam = jnp.asarray(synthetic.camera_from_angles(az, el, 0.8, (0.1, -0.2)), jnp.float32)
+  twin = synthetic.camera_from_angles(-az, -el, 0.8, (0.1, -0.2))
+  flipped = synthetic.camera_from_angles(180.0 - az, el, 0.8, (-0.1, -0.2))
+  assert float(shape.rotation_error_degrees(camera.mirror_twin(cam[3:]), twin[3:])) < 1e-3
+  got = camera.flip_horizontal(cam)
+  assert float(shape.rotation_error_degrees(got[3:], flipped[3:])) < 1e-3
+  np.testing.assert_allclose(got[:3], flipped[:3], atol=1e-6)
+  np.testing.assert_allclose(camera.flip_horizontal(got), cam, atol=1e-6)       # an involution
+  both = camera.flip_horizontal(cam.at[3:].set(camera.mirror_twin(cam[3:])))[3:]
+  assert float(shape.rotation_error_degrees(both, camera.mirror_twin(got[3:]))) < 1e-3   # they commute
+
+
+def _birds_and_cameras(n=4, subdivisions=2):
+  from jaxrecon.data import synthetic
+  sphere = mesh.symmetric_sphere(subdivisions)
+  rng = np.random.default_rng(0)
+  vertices = np.stack([synthetic.bird_vertices(synthetic.sample_bird(rng), sphere) for _ in range(n)])
+  cams = np.stack([synthetic.sample_camera(rng)[0] for _ in range(n)]).astype(np.float32)
+  cams[:, 0] = 0.9 / np.abs(vertices).max((1, 2))      # in frame
+  cams[:, 1:3] = rng.uniform(-0.1, 0.1, (n, 2))
+  return sphere, jnp.asarray(vertices, jnp.float32), jnp.asarray(cams)
+
+
+def _silhouettes(sphere, vertices, cams, size=32):
+  screen = project_to_screen(vertices, cams)
+  return render.soft_rasterize(mesh.face_vertices(screen, jnp.asarray(sphere.faces)), None, image_size=size,
+                               sigma=1e-4, dist_eps=1e-10)[..., 3]
+
+
+def test_mirror_twins_render_identical_silhouettes():
+  """The ambiguity is real: a mirror-symmetric bird seen from a camera and from its twin; the bird
+  turned by 180° about its up axis is not a twin (its silhouette differs)."""
+  sphere, vertices, cams = _birds_and_cameras()
+  alpha = _silhouettes(sphere, vertices, cams)
+  twin = _silhouettes(sphere, vertices, cams.at[:, 3:].set(camera.mirror_twin(cams[:, 3:])))
+  assert float(alpha.mean()) > 0.1
+  np.testing.assert_allclose(twin, alpha, atol=1e-5)
+  turned = cams.at[:, 3:].set(camera.quat_multiply(cams[:, 3:], jnp.asarray([0.0, 0.0, 0.0, 1.0])))
+  assert float(jnp.abs(_silhouettes(sphere, vertices, turned) - alpha).mean()) > 0.02
+
+
+def test_flipped_camera_renders_the_flipped_silhouette():
+  sphere, vertices, cams = _birds_and_cameras()
+  alpha = _silhouettes(sphere, vertices, cams)
+  flipped = _silhouettes(sphere, vertices, camera.flip_horizontal(cams))
+  np.testing.assert_allclose(flipped, alpha[:, :, ::-1], atol=1e-5)

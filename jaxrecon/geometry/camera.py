@@ -92,6 +92,34 @@ def quat_rotate(q, points):
   return jnp.einsum("...ij,...nj->...ni", quat_to_matrix(q), points)
 
 
+def mirror_twin(q):
+  """The camera rotation whose silhouette of a mirror-symmetric shape (about y = 0) equals `q`'s.
+
+  With M = diag(1, −1, 1) the mirror and Z = diag(1, 1, −1) the depth flip, ``Z R M`` projects the
+  mirrored shape (the shape itself) to the same image points with depths negated. Both are −1 times a
+  180° turn (M = −R_y(π), Z = −R_z(π)), so the twin is the rotation ``R_z(π) R R_y(π)``; in the
+  synthetic generator's angles, (azimuth, elevation) → (−azimuth, −elevation). (..., 4) -> (..., 4).
+  """
+  qz = jnp.asarray([0.0, 0.0, 0.0, 1.0], jnp.float32)
+  qy = jnp.asarray([0.0, 0.0, 1.0, 0.0], jnp.float32)
+  return quat_multiply(quat_multiply(qz, quat_normalize(q)), qy)
+
+
+def flip_horizontal(cams):
+  """The camera of the horizontally flipped image of a mirror-symmetric shape: (..., 7) -> (..., 7).
+
+  Flipping the image negates image x: ``F_x (s R X + t)`` with F_x = diag(−1, 1, 1). Since the shape
+  is its own mirror image (X ~ M X), this is the shape seen by ``R' = F_x R M``, a rotation
+  (F_x = −R_x(π), M = −R_y(π): R' = R_x(π) R R_y(π)), with ``t' = (−tx, ty)`` and the same scale;
+  in the synthetic generator's angles, (azimuth, elevation) → (180° − azimuth, elevation). It is an
+  involution, and it commutes with `mirror_twin`.
+  """
+  qx = jnp.asarray([0.0, 1.0, 0.0, 0.0], jnp.float32)
+  qy = jnp.asarray([0.0, 0.0, 1.0, 0.0], jnp.float32)
+  quat = quat_multiply(quat_multiply(qx, quat_normalize(cams[..., 3:7])), qy)
+  return jnp.concatenate([cams[..., 0:1], -cams[..., 1:2], cams[..., 2:3], quat], axis=-1)
+
+
 def project(points, cam):
   """UMR's weak-perspective (orthographic) projection to image coordinates (Eq. 1's renderer input).
 

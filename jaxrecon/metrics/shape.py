@@ -177,26 +177,13 @@ def plane_preserving_frames(num_angles: int = 720):
   return jnp.concatenate([turns, camera.quat_multiply(turns, flip)], 0)
 
 
-def mirror_twin(q):
-  """The camera rotation whose silhouette of a mirror-symmetric shape equals `q`'s: (..., 4) -> (..., 4).
-
-  With M = diag(1, −1, 1) the mirror and Z = diag(1, 1, −1) the depth flip, ``Z R M`` projects the
-  mirrored shape (the shape itself) to the same image points with depths negated. Both are −1 times a
-  180° turn (M = −R_y(π), Z = −R_z(π)), so the twin is the rotation ``R_z(π) R R_y(π)``; as Euler
-  angles, (azimuth, elevation) → (−azimuth, −elevation).
-  """
-  qz = jnp.asarray([0.0, 0.0, 0.0, 1.0], jnp.float32)
-  qy = jnp.asarray([0.0, 0.0, 1.0, 0.0], jnp.float32)
-  return camera.quat_multiply(camera.quat_multiply(qz, camera.quat_normalize(q)), qy)
-
-
 def fit_camera_frame(q_pred, q_gt, num_angles: int = 720):
   """The change of frame G (`plane_preserving_frames`) that best aligns predicted to true cameras.
 
   Minimises the mean over images of ``rotation_error_degrees(q_pred ⊗ G, q_gt)`` (a robust L1 of
   angles; one G for the whole set). The grid step is ``360°/num_angles`` (0.5° by default), so the
   fitted error is within a quarter step of the continuous optimum's for each image. The twin-aware
-  errors (a camera or its `mirror_twin` counts as right: what silhouettes alone can decide) are
+  errors (a camera or its `camera.mirror_twin` counts as right: what silhouettes alone can decide) are
   fitted the same way with their own G, so a model that consistently predicts twins scores 0 there.
 
   Args:
@@ -211,7 +198,7 @@ def fit_camera_frame(q_pred, q_gt, num_angles: int = 720):
   q_gt = jnp.asarray(q_gt, jnp.float32)
   aligned = camera.quat_multiply(q_pred[None], frames[:, None])           # (2A, N, 4)
   errors = rotation_error_degrees(aligned, q_gt[None])                    # (2A, N)
-  twin = jnp.minimum(errors, rotation_error_degrees(aligned, mirror_twin(q_gt)[None]))
+  twin = jnp.minimum(errors, rotation_error_degrees(aligned, camera.mirror_twin(q_gt)[None]))
   best = int(jnp.argmin(jnp.mean(errors, axis=1)))
   best_twin = int(jnp.argmin(jnp.mean(twin, axis=1)))
   return {"frame": frames[best], "turn_deg": float(360.0 * (best % num_angles) / num_angles),
