@@ -99,6 +99,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss_weights.flatten = 0.0005
   config.loss_weights.deform = 0.05     # UMR: 1.0 around a learned template; here the sphere is the template
   config.loss_weights.camera_entropy = 0.05
+  # D_cam's equivariance under horizontal flips (losses.flip_consistency_loss; not in UMR).
+  config.loss_weights.camera_flip = 0.0
   config.loss_weights.texture_l1 = 3.0
   config.loss_weights.texture_dt = 3.0
   config.loss_weights.texture_perceptual = 0.0   # needs config.weights.perceptual (UMR: 3.0)

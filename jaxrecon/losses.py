@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
+from jaxrecon.geometry import camera
 from jaxrecon.geometry import mesh as mesh_lib
 from jaxrecon.metrics.fid import fid_loss  # noqa: F401  (re-exported: Eq. 40-47)
 
@@ -94,6 +95,45 @@ def camera_entropy(probs, eps: float = 1e-12):
   """Entropy of the hypothesis probabilities (UMR's `cam_div_loss`, added with a positive weight so
   it is *minimised*, as UMR does despite the name). (B,)"""
   return -jnp.sum(probs * jnp.log(probs + eps), axis=-1)
+
+
+def flip_permutation(initial_quaternions) -> np.ndarray:
+  """Which hypothesis of a flipped image answers hypothesis h of the image: (H,) int.
+
+  For each hypothesis' starting rotation q_h, the one nearest `camera.flip_horizontal`(q_h) (exact for
+  the 'azimuths' start at 360°·h/H, where the flip maps azimuth a to 180° − a; with all hypotheses at
+  one start, as UMR's identity, every h answers itself).
+  """
+  q = jnp.asarray(initial_quaternions, jnp.float32)
+  flipped = camera.flip_horizontal(jnp.concatenate([jnp.ones_like(q[:, :3]), q], -1))[:, 3:]
+  overlap = jnp.abs(flipped @ q.T)                                       # |<q_a, q_b>|: 1 = the same rotation
+  return np.asarray(jnp.argmax(overlap, axis=1))
+
+
+def flip_consistency_loss(cams, probs, flipped_cams, flipped_probs, permutation):
+  """The cameras of a horizontally flipped image must be the flipped cameras (`camera.flip_horizontal`).
+
+  A mirror-symmetric object's flipped image is the object seen from the flipped camera, so D_cam must
+  be equivariant: hypothesis ``permutation[h]`` of the flipped image is the flip of hypothesis h,
+  with the same probability. What this rules out is the degenerate answer of silhouettes on a
+  near-symmetric template (the same heading for birds facing left and right); images and their flips
+  are all it uses. Per image: ``Σ_h ‖R'_h − R(flip(c_h))‖²_F / 8 + (s'_h − s_h)² + ‖t'_h − flip(t_h)‖²
+  + (p'_h − p_h)²`` summed over hypotheses, both sides receiving gradients.
+
+  Args:
+    cams, flipped_cams: (B, H, 7) the hypotheses of the images and of their flips.
+    probs, flipped_probs: (B, H).
+    permutation: (H,) int, `flip_permutation`.
+  Returns:
+    (B,).
+  """
+  target = camera.flip_horizontal(cams)
+  answer = flipped_cams[:, permutation]
+  rotation = jnp.sum((camera.quat_to_matrix(answer[..., 3:]) - camera.quat_to_matrix(target[..., 3:])) ** 2,
+                     axis=(-2, -1)) / 8.0                                 # in [0, 1]: 1 = turned by 180°
+  scale_translation = jnp.sum((answer[..., :3] - target[..., :3]) ** 2, axis=-1)
+  probability = (flipped_probs[:, permutation] - probs) ** 2
+  return jnp.sum(rotation + scale_translation + probability, axis=-1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrecon import losses
+from jaxrecon.geometry import camera
 from jaxrecon.geometry import mesh as mesh_lib
 
 
@@ -129,3 +130,32 @@ def test_adversarial_terms():
   np.testing.assert_allclose(losses.gradient_penalty(linear, real, fake, jax.random.key(0)), 0.0, atol=1e-6)
   np.testing.assert_allclose(losses.gradient_penalty(lambda x: 3 * linear(x), real, fake, jax.random.key(0)),
                              4.0, atol=1e-5)
+
+
+def test_flip_permutation_matches_the_azimuth_starts():
+  starts = camera.view_quaternions(np.arange(4) * 90.0)          # azimuths 0, 90, 180, 270
+  np.testing.assert_array_equal(losses.flip_permutation(starts), [2, 1, 0, 3])   # a -> 180 - a
+  np.testing.assert_array_equal(losses.flip_permutation(np.tile([[1.0, 0, 0, 0]], (3, 1))), [0, 0, 0])
+
+
+def test_flip_consistency_is_zero_exactly_for_flipped_cameras():
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  b, h = 5, 4
+  quats = camera.quat_normalize(jax.random.normal(k1, (b, h, 4)))
+  cams = jnp.concatenate([jax.random.uniform(k2, (b, h, 1), minval=0.5, maxval=1.0),
+                          jax.random.uniform(k3, (b, h, 2), minval=-0.2, maxval=0.2), quats], -1)
+  probs = jax.nn.softmax(jax.random.normal(k1, (b, h)))
+  perm = np.array([2, 1, 0, 3])
+  inverse = np.argsort(perm)
+  answer = camera.flip_horizontal(cams)[:, inverse]               # hypothesis perm[h] answers h
+  np.testing.assert_allclose(losses.flip_consistency_loss(cams, probs, answer, probs[:, inverse], perm), 0.0,
+                             atol=1e-5)
+  # The same cameras unflipped (the degenerate answer: one heading for both) are penalised.
+  unflipped = losses.flip_consistency_loss(cams, probs, cams[:, inverse], probs[:, inverse], perm)
+  assert np.all(np.asarray(unflipped) > 0.1)
+  # Turned by 180 degrees: the rotation part is maximal (1 per hypothesis).
+  turned = answer.at[..., 3:].set(camera.quat_multiply(answer[..., 3:], jnp.array([0.0, 0.0, 0.0, 1.0])))
+  rotation_only = losses.flip_consistency_loss(cams, probs, turned, probs[:, inverse], perm)
+  assert float(jnp.min(rotation_only)) > 1.0
+  grads = jax.grad(lambda c: jnp.sum(losses.flip_consistency_loss(cams, probs, c, probs[:, inverse], perm)))(turned)
+  assert np.all(np.isfinite(grads))

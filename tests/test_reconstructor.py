@@ -37,6 +37,11 @@ def test_tiny_network_outputs():
   assert pred.variance.shape == (2, 64, 64, 1)
   no_var = _tiny(sphere, use_variance=False)
   assert jax.eval_shape(lambda v, x: no_var.apply(v, x), variables, images).variance is None
+  # The cameras-only path is D_cam of the same parameters.
+  hypotheses, probs = jax.jit(lambda v, x: model.apply(v, x, train=False, cameras_only=True))(variables, images)
+  full = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  np.testing.assert_allclose(hypotheses, full.cam_hypotheses, atol=1e-6)
+  np.testing.assert_allclose(probs, full.cam_probs, atol=1e-6)
 
 
 def test_umr_sizes():

@@ -203,14 +203,18 @@ class Reconstructor(nn.Module):
   batch_axis: str | None = None
 
   @nn.compact
-  def __call__(self, images, train: bool = False) -> Prediction:
+  def __call__(self, images, train: bool = False, cameras_only: bool = False):
+    """(B, S, S, 3) -> `Prediction`; with `cameras_only`, just D_cam's (hypotheses (B, H, 7), probs
+    (B, H)), skipping the other decoders (the flip-consistency term needs no more)."""
     feature = Encoder(self.feature_dim, self.encoder_conv_channels, self.resnet_widths, self.batch_axis,
                       name="encoder")(images, train)
+    hypotheses, probs = CameraMultiplex(self.num_hypotheses, self.camera_width, self.initial_quaternions,
+                                        self.batch_axis, name="camera")(feature, train)
+    if cameras_only:
+      return hypotheses, probs
     template = jnp.asarray(np.asarray(self.template_half), jnp.float32)
     offsets = ShapeDecoder(template.shape[0], name="shape")(feature)
     vertices = mesh_lib.symmetrize(template + offsets, self.num_side)
-    hypotheses, probs = CameraMultiplex(self.num_hypotheses, self.camera_width, self.initial_quaternions,
-                                        self.batch_axis, name="camera")(feature, train)
     flow = UpConvDecoder((4, 8), self.flow_base_channels, self.flow_stages, 2, batch_axis=self.batch_axis,
                          name="flow")(feature, train)
     variance = None
