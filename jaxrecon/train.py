@@ -25,6 +25,13 @@ draws are per device (`fold_in` of the device index), so they differ from 'xla' 
 Orbax checkpoints hold the train state, the data iterator
 state and the step; a restarted run resumes exactly. A non-finite loss or gradient stops training
 with an error naming the terms; the last checkpoint stays the good one.
+
+Preemption and restarts (docs/training.md): the TensorBoard events are flushed whenever a
+checkpoint is saved, and a resumed run's writer purges the steps after its checkpoint (TensorBoard's
+purge_step), so a killed run leaves one value per step. A SIGTERM finishes the current step, saves
+a checkpoint and returns ({'preempted': True, ...}; `jaxrecon.main` exits 0). A checkpoint that
+cannot be restored is set aside with a warning and the previous one is used. The workdir is locked
+against a second run (`workdir_lock`) and the config is checked first (`config_checks`).
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
+import signal
+import threading
 import time
 from typing import Any
 
@@ -45,7 +55,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from jaxrecon import components, distributed, evaluation, losses, ops, templating
+from jaxrecon import components, config_checks, distributed, evaluation, losses, ops, templating, workdir_lock
 from jaxrecon import template as template_lib
 from jaxrecon.data import pipeline
 from jaxrecon.geometry import camera
@@ -453,16 +463,105 @@ def checkpoint_manager(workdir: str, max_to_keep: int | None = None) -> ocp.Chec
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
 
+UNREADABLE_DIR = "checkpoints_unreadable"
+
+
+class UnreadableCheckpointError(RuntimeError):
+  """No checkpoint of a workdir that has some can be restored."""
+
+
 def restore_latest(manager: ocp.CheckpointManager, like: TrainState):
-  """(state, extras) of the latest checkpoint, with `like`'s structure, shapes and dtypes; None if
-  the manager holds none."""
-  latest = manager.latest_step()
-  if latest is None:
+  """(state, extras) of the latest checkpoint that restores, with `like`'s structure, shapes and
+  dtypes; None if the manager holds none.
+
+  A checkpoint that fails to restore (a truncated or missing file) is skipped with a warning naming
+  its step; once an earlier one restores, the bad ones are moved to <workdir>/checkpoints_unreadable/
+  (kept for inspection; their steps are then saved afresh). If none restores it raises
+  `UnreadableCheckpointError`: never a silent restart from step 0.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
     return None
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  restored = manager.restore(latest, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
-  return restored["state"], restored["extra"]
+  directory = str(manager.directory)
+  bad = []
+  for step in steps:
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except  (Orbax and TensorStore raise plain Exception)
+      reason = " ".join(str(e).split())[:200]
+      logging.warning("The checkpoint of step %d in %s cannot be restored (%s: %s)%s", step, directory,
+                      type(e).__name__, reason, "; trying the previous one" if step != steps[-1] else "")
+      bad.append(step)
+      continue
+    if bad:
+      _set_aside(manager, bad)
+      logging.warning("Resuming from step %d, not %d: the unreadable checkpoint(s) %s moved to %s", step, bad[0],
+                      bad, os.path.join(os.path.dirname(directory), UNREADABLE_DIR))
+    return restored["state"], restored["extra"]
+  raise UnreadableCheckpointError(
+      f"no checkpoint in {directory} can be restored (steps {', '.join(map(str, bad))}; warnings above): move that "
+      "folder away to train from step 0, or check that the config matches the one that wrote it")
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps) -> None:
+  """Move unreadable step folders out of the manager's directory (process 0; every process waits)."""
+  directory = str(manager.directory)
+  aside = os.path.join(os.path.dirname(directory), UNREADABLE_DIR)
+  if jax.process_index() == 0:
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      target = os.path.join(aside, f"{step}.{int(time.time())}")
+      shutil.move(os.path.join(directory, str(step)), target)
+  distributed.barrier("unreadable checkpoints set aside")
+  manager.reload()
+
+
+class _PreemptionNotice:
+  """Whether the run was asked to stop (SIGTERM, as TPU VMs, Slurm and Kubernetes send before
+  preemption). One process: our handler records it and the loop stops after the step. Several
+  processes: JAX's preemption service (started by `jax.distributed.initialize`, with its own SIGTERM
+  handler) makes every process agree on the step to stop at."""
+
+  def __init__(self):
+    self.received = False
+    self._installed, self._previous = False, None
+    self._multi = jax.process_count() > 1
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
+
+  def listen(self):
+    """From now on (the training loop; not data preparation or compilation, which a SIGTERM may
+    simply end) a SIGTERM stops the run after the current step."""
+    if not self._multi and not self._installed and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._installed = True
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True        # (no logging here: the handler may interrupt a log call)
+
+  def reached(self, step: int) -> bool:
+    if not self._multi:
+      return self.received
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError as e:    # the preemption service is off (jax_enable_preemption_service)
+      logging.warning("SIGTERM will not save a checkpoint: %s", e)
+      self._multi = None
+      return False
+
+  def close(self):
+    if self._installed:
+      # (None: the previous handler was not installed from Python; the default is the best guess)
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+      self._installed = False
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -486,7 +585,10 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Stage 1 is done (%s exists): going on with stage 2", directory)
   else:
     logging.info("Stage 1: learning the template in %s", stage1_dir)
-    stage1_history = train_and_evaluate(stage1, stage1_dir)["train_history"]
+    trained = train_and_evaluate(stage1, stage1_dir)
+    if trained.get("preempted"):
+      return trained
+    stage1_history = trained["train_history"]
   stage1_results = {}
   if os.path.exists(os.path.join(stage1_dir, "metrics.json")):
     with open(os.path.join(stage1_dir, "metrics.json")) as f:
@@ -494,6 +596,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stage2.model.template_dir = directory
   logging.info("Stage 2: the full model on the template in %s", directory)
   results = train_and_evaluate(stage2, os.path.join(workdir, "stage2"))
+  if results.get("preempted"):
+    return results
   results.update(stage1_results)
   results["stage1/train_history"] = stage1_history    # the steps stage 1 ran in this call
   if jax.process_index() == 0:
@@ -508,13 +612,27 @@ def template_dir(config, workdir: str) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Train per `config`, checkpointing and logging into `workdir`; returns the final metrics."""
+  """Train per `config`, checkpointing and logging into `workdir`; returns the final metrics.
+
+  Raises `config_checks.ConfigError` for a bad config and `workdir_lock.WorkdirBusyError` when
+  another run holds the workdir. After a SIGTERM it saves a checkpoint of the current step and
+  returns {'preempted': True, 'step': ..., 'train_history': ...} without evaluating.
+  """
+  config_checks.check(config)
   if config.get("job", "train") == "preview":
     from jaxrecon import preview  # pylint: disable=g-import-not-at-top
     return preview.run(config, workdir)
-  if config.get("job", "train") == "pipeline":
-    return run_pipeline(config, workdir)
   os.makedirs(workdir, exist_ok=True)
+  # Process 0 takes the lock for all (the workdir is shared); every process learns the outcome.
+  share = distributed.allgather_json if jax.process_count() > 1 else None
+  with workdir_lock.hold(workdir, process_index=jax.process_index(), share=share):
+    if config.get("job", "train") == "pipeline":
+      return run_pipeline(config, workdir)
+    with _PreemptionNotice() as preemption:     # (its handler is removed even if training raises)
+      return _train_and_evaluate(config, workdir, preemption)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preemption: "_PreemptionNotice") -> dict:
   if jax.process_index() == 0:   # what evaluate/predict rebuild the model from
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
@@ -527,9 +645,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Every process's devices, process by process: process p's local batch is a contiguous block.
   mesh = distributed.data_mesh()
-  if config.batch_size % mesh.size:
-    raise ValueError(f"batch_size {config.batch_size} must be divisible by the {mesh.size} devices "
-                     f"({jax.process_count()} process(es))")
+  config_checks.check_devices(config.batch_size, mesh.size, jax.process_count())
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
@@ -559,13 +675,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Resumed from step %d", int(state.step))
 
   from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
+  start_step = int(state.step)
+  # purge_step: TensorBoard hides what an earlier (killed) writer logged after our checkpoint, so
+  # the steps this run logs again have one value each.
+  writer = (SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+            if jax.process_index() == 0 else None)
   images_every = config.get("log_images_every", 0)
   visualise = evaluation.make_visualise(config, model, sphere) if images_every and writer is not None else None
   train_keys = components.TRAIN_KEYS + (("parts",) if part_setup(config, sphere) is not None else ())
-  start_step = int(state.step)
   history = []
   t0, last_log, last_step = time.time(), time.time(), start_step
+  def save(done):
+    # Orbax writes JSON from process 0 only: gather every process's iterator state into it.
+    data_states = distributed.allgather_json(data_iter.get_state().decode())
+    manager.save(done, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        extra=ocp.args.JsonSave({"data_state": data_states[0], "data_states": data_states, "step": done})))
+    if writer is not None:
+      writer.flush()    # the summaries up to a checkpoint survive a kill; a restart logs only later steps
+
+  preempted = False
+  preemption.listen()
   for step in range(start_step, config.num_train_steps):
     local = {k: v for k, v in next(data_iter).items() if k in train_keys}
     batch = pipeline.global_batch(local, data_sharding)
@@ -599,13 +729,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       moved = float(np.sqrt(np.mean(np.sum((offset - np.asarray(jax.device_get(state.template_offset))) ** 2, -1))))
       state = state.replace(template_offset=distributed.replicate(offset, replicated))
       logging.info("step %d: template updated by the mean offset (RMS move %.4f)", done, moved)
-    if done % config.checkpoint.every == 0 or done == config.num_train_steps:
-      # Orbax writes JSON from process 0 only: gather every process's iterator state into it.
-      data_states = distributed.allgather_json(data_iter.get_state().decode())
-      manager.save(done, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          extra=ocp.args.JsonSave({"data_state": data_states[0], "data_states": data_states, "step": done})))
+    saved = done % config.checkpoint.every == 0 or done == config.num_train_steps
+    if saved:
+      save(done)
+    if preemption.reached(done):
+      if not saved:
+        save(done)
+      preempted = True
+      break
+  preemption.close()      # from here on a SIGTERM ends the process: training is saved
   manager.wait_until_finished()
+  if preempted:
+    logging.warning("SIGTERM: stopped after step %d of %d with a checkpoint in %s; run the same command to "
+                    "resume", done, config.num_train_steps, str(manager.directory))
+    if writer is not None:
+      writer.close()
+    return {"preempted": True, "step": done, "train_history": history}
 
   results = {}
   if learns_template:
