@@ -28,7 +28,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from jaxrecon import evaluation
+from jaxrecon import cli, evaluation
 
 FLAGS = flags.FLAGS
 
@@ -100,7 +100,8 @@ def run(workdir: str, split: str = "test", protocol: str = "default", *, config=
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.usage_error(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.quiet_third_party_logs()
   if FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -116,4 +117,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -15,7 +15,8 @@ test-time preprocessing, predicts shape, camera and texture, and writes OUT/<ima
 Cropping (`crop_box`): with ``--mask`` (a mask image of the same size, foreground > 50%) or
 ``--bbox`` (pixel corners, inclusive) the object's box is padded by 5% per side and squared about its
 centre (CMR/UMR test preprocessing, umr.md §3; parts outside the image are filled with white as
-CMR does); without either, the largest centred square of the whole image is used and a warning is
+CMR does, with a warning when the given box itself reaches outside; a box wholly outside the image is
+an error); without either, the largest centred square of the whole image is used and a warning is
 logged (the networks are trained on object-centred crops, so give a box for photos where the object
 is small). The crop is resized to the config's image size with PIL's bilinear filter (antialiased).
 Give --mask/--bbox once per image, in the images' order, or not at all.
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from jaxrecon import components, evaluation, export, ops
+from jaxrecon import cli, components, evaluation, export, ops
 from jaxrecon.data import cub
 
 FLAGS = flags.FLAGS
@@ -105,11 +106,23 @@ def parse_bbox(text: str) -> np.ndarray:
   return box
 
 
+def check_bbox(bbox, shape) -> bool:
+  """Raises ValueError for a box wholly outside the image (its crop would be all white); returns
+  whether it reaches partly outside (kept: the outside is filled white, as CMR does)."""
+  h, w = shape[:2]
+  x0, y0, x1, y1 = (float(v) for v in bbox)
+  text = ",".join(f"{v:g}" for v in (x0, y0, x1, y1))
+  if x1 < 0 or y1 < 0 or x0 > w - 1 or y0 > h - 1:
+    raise ValueError(f"--bbox={text} lies wholly outside the {w}x{h} image (x in 0..{w - 1}, y in 0..{h - 1})")
+  return x0 < 0 or y0 < 0 or x1 > w - 1 or y1 > h - 1
+
+
 def crop_box(shape, bbox=None, mask=None, padding: float = PADDING) -> tuple[np.ndarray, str]:
   """The square crop (x0, y0, x1, y1), inclusive pixels, and how it was chosen.
 
   bbox or mask: the object's box (from the mask's pixels > 0.5) padded by `padding` per side and
   squared (CMR's `peturb_bbox` without jitter + `square_bbox`). Neither: the largest centred square.
+  A bbox wholly outside the image raises ValueError (`check_bbox`).
   """
   h, w = shape[:2]
   if mask is not None:
@@ -119,6 +132,7 @@ def crop_box(shape, bbox=None, mask=None, padding: float = PADDING) -> tuple[np.
     bbox = np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float64)
     how = "mask"
   elif bbox is not None:
+    check_bbox(bbox, shape)
     how = "bbox"
   else:
     side = min(h, w)
@@ -210,6 +224,15 @@ def run(workdir: str, images, out: str, masks=(), bboxes=(), *, config=None, tex
   # Read every input before the (slow) model work, so a bad file fails at once.
   loaded = [load_image(p) for p in images]
   mask_arrays = [load_mask(m, im.shape) for m, im in zip(masks, loaded)]
+  for path, box, image in zip(images, bboxes, loaded):
+    try:
+      partly_outside = check_bbox(box, image.shape)
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from None
+    if partly_outside:
+      h, w = image.shape[:2]
+      logging.warning("%s: --bbox=%s reaches outside the %dx%d image; the outside is filled white (as CMR)", path,
+                      ",".join(f"{v:g}" for v in box), w, h)
 
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"--workdir={workdir} does not exist")
@@ -245,6 +268,7 @@ def run(workdir: str, images, out: str, masks=(), bboxes=(), *, config=None, tex
 
 
 def main(argv):
+  cli.quiet_third_party_logs()
   if FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -259,4 +283,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -56,6 +56,31 @@ def test_crop_box():
       predict.parse_bbox(bad)
 
 
+def test_bbox_outside_the_image():
+  shape = (200, 300, 3)                                # a 300x200 image
+  with pytest.raises(ValueError, match=r"--bbox=500,500,900,900 lies wholly outside the 300x200 image"):
+    predict.crop_box(shape, bbox=np.array([500, 500, 900, 900]))
+  with pytest.raises(ValueError, match="wholly outside"):
+    predict.check_bbox(np.array([-50, 10, -1, 20]), shape)
+  assert not predict.check_bbox(np.array([0, 0, 299, 199]), shape)
+  assert predict.check_bbox(np.array([250, 150, 350, 250]), shape)
+  # Partly outside: kept, and the outside of the crop is white (CMR's fill).
+  image = np.zeros(shape, np.float32)
+  box, _ = predict.crop_box(shape, bbox=np.array([250, 150, 350, 250]))
+  crop = predict.prepare_input(image, box, 16)
+  assert crop[0, 0].sum() == 0 and np.all(crop[-1, -1] == 1.0)
+
+
+def test_predict_checks_boxes_before_loading_the_model(photo, tmp_path, caplog):
+  image = str(photo / "bird.png")                      # 90x120
+  missing = str(tmp_path / "no_workdir")
+  with pytest.raises(ValueError, match=r"bird.png: --bbox=500,500,900,900 lies wholly outside the 90x120 image"):
+    predict.run(missing, [image], str(tmp_path / "out"), bboxes=["500,500,900,900"])
+  with caplog.at_level("WARNING"), pytest.raises(FileNotFoundError, match="no_workdir"):
+    predict.run(missing, [image], str(tmp_path / "out"), bboxes=["60,80,120,140"])
+  assert "--bbox=60,80,120,140 reaches outside the 90x120 image; the outside is filled white" in caplog.text
+
+
 def test_texcoords_address_the_uv_texture():
   # A texture whose pixel (r, c) holds its own UV: reading it at a vertex's texture coordinate (as a
   # viewer does, origin bottom-left) gives back the vertex's sphere UV.
