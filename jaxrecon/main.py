@@ -42,8 +42,11 @@ def main(argv):
   cli.quiet_third_party_logs()
   cli.check_config(FLAGS.config)    # before JAX starts: a bad value fails in a second
   # First: nothing may touch devices before jax.distributed is initialised.
-  distributed.initialize(mode=FLAGS.distributed, coordinator=FLAGS.coordinator, num_processes=FLAGS.num_processes,
-                         process_id=FLAGS.process_id, cpu_devices=FLAGS.cpu_devices)
+  try:
+    distributed.initialize(mode=FLAGS.distributed, coordinator=FLAGS.coordinator, num_processes=FLAGS.num_processes,
+                           process_id=FLAGS.process_id, cpu_devices=FLAGS.cpu_devices)
+  except ValueError as e:     # inconsistent cluster settings: the message names the flag or variable
+    cli.usage_error(str(e))
   if FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.compilation_cache))
     # Every program, the model init's small eager ones too: a restart (after a preemption) reaches
