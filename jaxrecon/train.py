@@ -685,6 +685,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
   train_keys = components.TRAIN_KEYS + (("parts",) if part_setup(config, sphere) is not None else ())
   history = []
   t0, last_log, last_step = time.time(), time.time(), start_step
+
   def save(done):
     # Orbax writes JSON from process 0 only: gather every process's iterator state into it.
     data_states = distributed.allgather_json(data_iter.get_state().decode())
