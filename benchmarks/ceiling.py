@@ -68,41 +68,50 @@ def projected_flow(vertices, cam, faces, texels_per_edge: int):
   return xy.reshape(b, f, t, 2)
 
 
-def oracle_step(config, sphere, choose, model=None):
-  """An eval step (`evaluation.make_eval_step`'s signature and outputs) scoring the prediction
-  ``choose(batch, model_outputs) -> (vertices (B, V, 3), cam (B, 7))`` textured by projection.
-  `model`: when given, its eval step runs first and `choose` gets its outputs (else None)."""
-  score = evaluation.make_scorer(config, sphere)
-  model_step = None if model is None else evaluation.make_eval_step(config, model, sphere)
-  faces = jnp.asarray(sphere.faces)
+class Scorers:
+  """The jitted pieces every row shares, compiled once per run: the evaluation's scorer, the
+  projected texture of an oracle, and the model's eval step."""
 
-  def step(params, batch_stats, batch, key=None):
-    key = jax.random.key(0) if key is None else key
-    out = None if model_step is None else model_step(params, batch_stats, batch, key)[1]
-    vertices, cam = choose(batch, out)
-    flow = projected_flow(vertices, cam, faces, config.mesh.texels_per_edge)
-    colours = ops.grid_sample(batch["image"], flow, align_corners=False)   # the rasterizer's pixel centres
-    metrics, rgba, random_view = score(batch, vertices, cam, colours, key)
-    return metrics, {"render": rgba, "cam": cam, "colours": colours, "flow": flow,
-                     "image": batch["image"], "random_view": random_view}
+  def __init__(self, config, sphere, model=None):
+    faces = jnp.asarray(sphere.faces)
+    t = config.mesh.texels_per_edge
 
-  return jax.jit(step)
+    def projected_texture(vertices, cam, image):
+      flow = projected_flow(vertices, cam, faces, t)
+      return flow, ops.grid_sample(image, flow, align_corners=False)     # the rasterizer's pixel centres
 
+    self.score = jax.jit(evaluation.make_scorer(config, sphere))
+    self.projected_texture = jax.jit(projected_texture)
+    self.model_step = None if model is None else jax.jit(evaluation.make_eval_step(config, model, sphere))
 
-def model_shape_true_camera_step(config, model, sphere, frame):
-  """The model's shape and texture, from the true camera expressed in the model's frame (R_gt G⁻¹)."""
-  eval_step = evaluation.make_eval_step(config, model, sphere)
-  score = evaluation.make_scorer(config, sphere)
-  frame_inverse = camera_lib.quat_conjugate(jnp.asarray(frame))
+  def oracle_step(self, choose):
+    """An eval step (`evaluation.make_eval_step`'s signature and outputs) scoring the prediction
+    ``choose(batch, model_outputs) -> (vertices (B, V, 3), cam (B, 7))`` textured by projection;
+    `model_outputs` are the model's eval-step outputs (None without a model)."""
 
-  def step(params, batch_stats, batch, key=None):
-    key = jax.random.key(0) if key is None else key
-    _, out = eval_step(params, batch_stats, batch, key)
-    cam = out["cam"].at[:, 3:].set(camera_lib.quat_multiply(batch["camera"][:, 3:], frame_inverse))
-    metrics, rgba, random_view = score(batch, out["pred"].vertices, cam, out["colours"], key)
-    return metrics, {**out, "render": rgba, "cam": cam, "random_view": random_view}
+    def step(params, batch_stats, batch, key=None):
+      key = jax.random.key(0) if key is None else key
+      out = None if self.model_step is None else self.model_step(params, batch_stats, batch, key)[1]
+      vertices, cam = choose(batch, out)
+      flow, colours = self.projected_texture(vertices, cam, batch["image"])
+      metrics, rgba, random_view = self.score(batch, vertices, cam, colours, key)
+      return metrics, {"render": rgba, "cam": cam, "colours": colours, "flow": flow, "image": batch["image"],
+                       "random_view": random_view}
 
-  return jax.jit(step)
+    return step
+
+  def model_shape_true_camera_step(self, frame):
+    """The model's shape and texture, from the true camera expressed in the model's frame (R_gt G⁻¹)."""
+    frame_inverse = camera_lib.quat_conjugate(jnp.asarray(frame))
+
+    def step(params, batch_stats, batch, key=None):
+      key = jax.random.key(0) if key is None else key
+      _, out = self.model_step(params, batch_stats, batch, key)
+      cam = out["cam"].at[:, 3:].set(camera_lib.quat_multiply(batch["camera"][:, 3:], frame_inverse))
+      metrics, rgba, random_view = self.score(batch, out["pred"].vertices, cam, out["colours"], key)
+      return metrics, {**out, "render": rgba, "cam": cam, "random_view": random_view}
+
+    return step
 
 
 def _row(results: dict, split: str) -> dict:
@@ -128,19 +137,22 @@ def oracle_rows(config, split: str, workdir: str | None = None, kp_pairs: int = 
   no_state = types.SimpleNamespace(params=None, batch_stats=None, step=0)
   run = lambda state, step: evaluation.evaluate(config, None, sphere, state, split=split, eval_step=step,
                                                 kp_pairs=kp_pairs)
-  rows = {name: _row(run(no_state, oracle_step(config, sphere, choose)), split) for name, choose in choices.items()}
+  model, state = None, no_state
   if workdir:
     _, model, state = evaluation.restore_model(workdir, config)
-    results = run(state, jax.jit(evaluation.make_eval_step(config, model, sphere)))
+  scorers = Scorers(config, sphere, model)
+  rows = {name: _row(run(state, scorers.oracle_step(choose)), split) for name, choose in choices.items()}
+  if workdir:
+    results = run(state, scorers.model_step)
     rows[f"the model (step {state.step})"] = _row(results, split)
     info = results[f"eval_frame/{split}"]
     frame = frame_quaternion(info["turn_deg"], info["flip"])
     rows["half-oracle: the model's shape and texture, true camera"] = _row(
-        run(state, model_shape_true_camera_step(config, model, sphere, frame)), split)
+        run(state, scorers.model_shape_true_camera_step(frame)), split)
     aligned = lambda b, out: (b["vertices"], b["camera"].at[:, 3:].set(
         camera_lib.quat_multiply(out["cam"][:, 3:], jnp.asarray(frame))))
-    rows["half-oracle: the true shape, the model's aligned camera"] = _row(
-        run(state, oracle_step(config, sphere, aligned, model)), split)
+    rows["half-oracle: the true shape, the model's aligned camera"] = _row(run(state, scorers.oracle_step(aligned)),
+                                                                          split)
   return rows
 
 
