@@ -222,6 +222,9 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx, batch_axi
 
   screen_faces = components.make_screen_faces(config, faces)
   parts = part_setup(config, sphere)
+  starts = components.initial_camera_quaternions(config)
+  flip_permutation = (np.arange(config.model.num_hypotheses) if starts is None
+                      else losses.flip_permutation(starts))
   gan_on_silhouettes = discriminator_channels(config) == 1
 
   sample_colours = functools.partial(components.sample_texture, config)
@@ -271,6 +274,13 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx, batch_axi
     if w.get("symmetry_plane", 0) > 0:
       terms["symmetry_plane"] = losses.symmetry_plane_loss(pred.vertices, sphere.num_center)
     terms["camera_entropy"] = losses.camera_entropy(pred.cam_probs)
+    if w.camera_flip > 0:
+      # D_cam's answer for the flipped images must be the flipped cameras (losses.flip_consistency_loss);
+      # their BatchNorm statistics updates are not kept.
+      flipped, _ = model.apply({"params": params, "batch_stats": batch_stats}, image[:, :, ::-1], train=True,
+                               cameras_only=True, mutable=["batch_stats"])
+      terms["camera_flip"] = losses.flip_consistency_loss(pred.cam_hypotheses, pred.cam_probs, *flipped,
+                                                          flip_permutation)
 
     # Texture (Eq. 7-11): colours sampled from the image; the most probable hypothesis renders them
     # with shape and camera held constant, as UMR.
