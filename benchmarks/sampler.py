@@ -1,6 +1,7 @@
 """Forward+backward time of jaxrecon.ops.grid_sample vs torch.nn.functional.grid_sample on this CPU.
 
-UMR's two sampling calls (umr.md §1.5), bilinear, align_corners=True, zeros padding:
+UMR's two sampling calls (NVlabs/UMR nnutils/cub_mesh.py TexturePredictorUV and
+nnutils/geom_utils.py sample_textures), bilinear, align_corners=True, zeros padding:
 
 * flow:  the texture-flow image (16, 128, 256, 2) sampled at the UV sampler (16, 656, 36, 2);
 * image: the input image (16, 256, 256, 3) sampled at the texture flow (16, 1280, 36, 2).

@@ -1,8 +1,10 @@
 """jaxrecon.render.rasterize against a float64 NumPy port of SoftRas's kernel, and tiled vs dense.
 
-The NumPy reference below is written from softras.md (§1.4 forward, §1.5 analytic backward,
-Appendix A) independently of the JAX code: it loops over faces in index order with the kernel's
-*online* softmax (running max m, rescaled sums), so the closed form used in JAX is checked too.
+The NumPy reference below is written from SoftRas's CUDA kernel (ShichenLiu/SoftRas
+``soft_renderer/cuda/soft_rasterize_cuda_kernel.cu``, commit b569bed, cited as ``kernel.cu:LINE``: the
+forward kernel at 285-459, the analytic backward at 463-637) independently of the JAX code: it
+loops over faces in index order with the kernel's *online* softmax (running max m, rescaled sums),
+so the closed form used in JAX is checked too.
 """
 
 import functools
@@ -144,7 +146,7 @@ def _reference(fv, tex, size, *, sigma=1e-5, gamma=1e-4, dist_eps=1e-4, eps=1e-3
       out["p2f"].append(np.where(sums[:, 2:] > 0, sums[:, :2] / sums[:, 2:], 0.0))
     out["p2f_weight"].append(sums[:, 2])
 
-    if grads is not None:  # SoftRas's analytic backward (kernel.cu:463-637, softras.md §1.5)
+    if grads is not None:  # SoftRas's analytic backward (kernel.cu:463-637)
       assert dist_func == "euclidean" and aggr_alpha == "prod" and aggr_rgb == "softmax"
       g = np.asarray(grads[b], np.float64).reshape(npix, 4)
       g_rgb, g_alpha = g[:, :3], g[:, 3]
@@ -451,7 +453,7 @@ def _weights(shape, seed=5):
 
 
 def test_softras_grad_matches_analytic_backward():
-  """softras_grad=True equals SoftRas's hand-written backward (softras.md §1.5) in float64.
+  """softras_grad=True equals SoftRas's hand-written backward (kernel.cu:463-637) in float64.
 
   Non-degenerate faces only: where two edges of a collapsed face are equally near, the distance has
   no derivative and any subgradient is as right as another.
@@ -611,7 +613,11 @@ def test_texture_only_and_vertex_only_gradients(softras_grad):
 
 
 def test_p2f_is_the_weighted_pixel_mean():
-  """UMR's texture-cycle target: a face's soft-weighted mean pixel, not zero (umr.md §7.1)."""
+  """UMR's texture-cycle target: a face's soft-weighted mean pixel, not zero (even in 'hard' RGB mode).
+
+  UMR's stage 2 reads it from the hard renderer (NVlabs/UMR nnutils/loss_utils.py, MultiTextureLoss),
+  whose kernel fills it in softmax mode only, so there it is always zero.
+  """
   fv = np.array([[[[0.2, 0.2, 3.0], [0.7, 0.2, 3.0], [0.45, 0.7, 3.0]]]])
   tex = np.ones((1, 1, 1, 3))
   rgba, aux = _render(jnp.asarray(fv, jnp.float32), jnp.asarray(tex, jnp.float32), image_size=16,

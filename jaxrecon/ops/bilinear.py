@@ -2,7 +2,7 @@
 
 ``grid_sample(image, grid)`` reads ``image`` at the continuous positions in ``grid``. It is GS in
 the paper's Eq. 7-8 (the input image sampled through the texture flow) and in UMR's texture-flow
-lookup (umr.md §1.5). Two implementations live here:
+lookup (NVlabs/UMR nnutils/geom_utils.py, sample_textures). Two implementations live here:
 
 * `grid_sample_reference`: plain ``jnp`` code differentiated by JAX's autodiff, written to be
   obviously correct. It is the oracle for the tests and for `grid_sample`.
@@ -18,7 +18,8 @@ Conventions (shared by every function in `jaxrecon.ops`):
 * ``grid[..., 0]`` is x (along the width), ``grid[..., 1]`` is y (along the height), both
   normalised to [-1, 1]; values outside are allowed and handled by ``padding_mode``.
 * ``align_corners=True`` maps -1 and 1 to the centres of the corner pixels (pixel ``i`` sits at
-  ``-1 + 2i/(W-1)``): torch<1.3's behaviour, which UMR relies on (umr.md §1.5).
+  ``-1 + 2i/(W-1)``): torch<1.3's behaviour, which UMR relies on (it pins torch==1.1.0 in
+  NVlabs/UMR requirements.txt).
   ``align_corners=False`` maps -1 and 1 to the outer edges of the corner pixels (torch's default).
 * ``padding_mode``: 'zeros' (out-of-image corners read 0), 'border' (coordinates clamped to the
   image), 'reflection' (coordinates reflected at the border, then clamped), with torch's exact

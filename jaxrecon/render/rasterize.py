@@ -1,7 +1,9 @@
 """SoftRas's soft rasterizer in pure JAX: a dense all-pairs reference and a tiled, bounded fast path.
 
 Both paths evaluate the same per-(pixel, face) formulas, those of SoftRas's CUDA kernel
-(softras.md §1.4, Appendix A), and differ only in *which* pairs they visit:
+(ShichenLiu/SoftRas ``soft_renderer/cuda/soft_rasterize_cuda_kernel.cu``, cited below as
+``kernel.cu:LINE`` at commit b569bed: ``forward_soft_rasterize_cuda_kernel`` and
+``backward_soft_rasterize_cuda_kernel``), and differ only in *which* pairs they visit:
 
 * ``impl='dense'`` visits every (pixel, face) pair at once: O(B·S²·F) memory, the reference.
 * ``impl='tiled'`` (default) cuts the image into T×T pixel tiles and lists, for every (image, tile),
@@ -24,7 +26,8 @@ Two passes: pass 1 (forward only) finds each pixel's softmax stabiliser M (max n
 and its hard z-buffer face; pass 2 accumulates additive per-pixel sums (Σ softplus(s), Σ e,
 Σ e·colour) that the final formulas combine. Alpha-only renders skip pass 1.
 
-Conventions (SoftRas's, softras.md §1.2):
+Conventions (SoftRas's: ``soft_renderer/functional/look_at.py``, ``perspective.py`` and the pixel loop
+of ``kernel.cu``):
 
 * Screen space: x in [-1, 1] left→right, y in [-1, 1] bottom→top, z = positive depth. The pixel in
   row r, column c of an S×S image has centre ``((2c+1-S)/S, (S-1-2r)/S)``; row 0 is the top.
@@ -92,7 +95,7 @@ def threshold(sigma: float, dist_eps: float) -> float:
 
 
 def pixel_centres(image_size: int, dtype=np.float32):
-  """Pixel-centre coordinates of an S×S image (softras.md §1.2).
+  """Pixel-centre coordinates of an S×S image (as SoftRas's forward kernel, kernel.cu:317-321).
 
   Returns:
     xs: (S,) x of column c, ``(2c+1-S)/S``. ys: (S,) y of row r, ``(S-1-2r)/S`` (row 0 on top).
@@ -109,7 +112,7 @@ def _safe_div(num, den):
 
 
 def _pair_terms(px, py, fv, slot_ok, cfg: _Config, materialize: bool = False):
-  """SoftRas's per-(pixel, face) quantities for an N-pixel × K-face block (softras.md §1.4).
+  """SoftRas's per-(pixel, face) quantities for an N-pixel × K-face block (kernel.cu:285-459).
 
   Args:
     px, py: (N,) pixel-centre coordinates.
@@ -149,7 +152,7 @@ def _pair_terms(px, py, fv, slot_ok, cfg: _Config, materialize: bool = False):
   # 3. Distance and the logit s of the probability map D = sigmoid(s).
   if cfg.dist_func == "euclidean":
     # Squared distance to the boundary = min over the three clamped segments; equal to SoftRas's
-    # region-based euclidean_p2f_distance (softras.md §1.4). Zero-length edges (which SoftRas
+    # region-based euclidean_p2f_distance (kernel.cu:62-152). Zero-length edges (which SoftRas
     # divides by, unguarded) get t = 0: the distance to the point.
     d2 = None
     edges = []  # per edge: (t, dx, dy, d2k), for the hand-written backward
@@ -180,7 +183,7 @@ def _pair_terms(px, py, fv, slot_ok, cfg: _Config, materialize: bool = False):
     w, s, keep, inside, edges = lax.optimization_barrier((w, s, keep, inside, edges))
 
   # 4. Depth from clipped barycentrics (barycentric_clip), perspective-correct zp = 1/Σ w_c/z.
-  w_rgb = [lax.stop_gradient(wk) for wk in w] if cfg.softras_grad else w  # softras.md §1.5
+  w_rgb = [lax.stop_gradient(wk) for wk in w] if cfg.softras_grad else w  # as kernel.cu:463-637
   wc = [jnp.clip(wk, 0.0, 1.0) for wk in w_rgb]
   wsum = jnp.maximum(wc[0] + wc[1] + wc[2], _CLIP_SUM_MIN)
   wc = [wk / wsum for wk in wc]
@@ -232,7 +235,8 @@ def _texel_colour(tex, wc, shape, cfg: _Config):
     return jnp.broadcast_to(tex[None, :, 0, :], shape + (3,)), None
   # Pull the lookup point toward the centroid by `texel_eps` (relative): a pixel clipped onto an
   # edge (some w_c = 0) lies exactly on a fold boundary of SoftRas's lookup, where the CUDA
-  # kernel's choice between two texels is decided by float rounding (softras.md §1.4).
+  # kernel's choice between two texels is decided by float rounding (forward_sample_texture,
+  # kernel.cu:179-196).
   shrink, centre = 1.0 - cfg.texel_eps, cfg.texel_eps / 3.0
   t0 = lax.stop_gradient(wc[0]) * shrink + centre
   t1 = lax.stop_gradient(wc[1]) * shrink + centre
@@ -241,7 +245,7 @@ def _texel_colour(tex, wc, shape, cfg: _Config):
 
 
 def _softmax_weights(t, m, cfg: _Config):
-  """e_j = D_j·exp((zn_j - M)/γ) (N, K): the unnormalised softmax weights (softras.md §1.4)."""
+  """e_j = D_j·exp((zn_j - M)/γ) (N, K): the unnormalised softmax weights (kernel.cu:412-427)."""
   zn = (cfg.far - t["zp"]) / (cfg.far - cfg.near)
   zn_safe = jnp.where(t["contrib"], zn, m[:, None])
   log_e = (zn_safe - m[:, None]) / cfg.gamma - jax.nn.softplus(-t["s"])   # log(D·e^{(zn-M)/γ})
@@ -277,7 +281,7 @@ def _block_sums_vjp(px, py, fv, tex, ids, slot_ok, m, hard_face, g, cfg: _Config
                     want_tex: bool):
   """Hand-written VJP of `_block_sums`' pixel sums w.r.t. (fv, tex) for `_hand_vjp_ok` settings.
 
-  SoftRas's analytic backward (softras.md §1.5) in closed form, instead of `jax.vjp` of the
+  SoftRas's analytic backward (kernel.cu:463-637) in closed form, instead of `jax.vjp` of the
   recomputed block: D reaches the vertices through the squared distance to the nearest edge,
   d²= |a + t(b - a) - p|², whose gradient is 2(1 - t)·r for a and 2t·r for b (r = the closest
   point minus p; t's own derivative is multiplied by r·(b - a) = 0, or is 0 where t is clamped),
@@ -367,7 +371,7 @@ def _block_sums(px, py, pix_ok, fv, tex, ids, slot_ok, m, hard_face, cfg: _Confi
   s_alpha = s
   if cfg.drop_alpha_grad_beyond_near_far:
     # SoftRas's backward skips pairs with zp outside [near, far] before adding their alpha
-    # gradient (kernel.cu:575), though they count in the forward alpha (softras.md §1.5).
+    # gradient (kernel.cu:575), though they count in the forward alpha (kernel.cu:384-394).
     s_alpha = jnp.where(t["in_range"], s, lax.stop_gradient(s))
   if cfg.aggr_alpha == "prod":
     # 1 - Π(1 - D) = 1 - exp(-Σ softplus(s)): never forms 1 - D (exact gradient, no NaN at D == 1).
@@ -404,7 +408,7 @@ def _finish(sums, m, hit, cfg: _Config):
   if cfg.aggr_alpha == "prod":
     alpha = -jnp.expm1(-acc)
   elif cfg.aggr_alpha == "sum":
-    alpha = acc / cfg.num_faces            # by the total face count (softras.md §1.4)
+    alpha = acc / cfg.num_faces            # by the total face count F (kernel.cu:437)
   else:
     alpha = (acc > 0).astype(dtype)
   bg = jnp.asarray(cfg.background, dtype)
@@ -412,7 +416,7 @@ def _finish(sums, m, hit, cfg: _Config):
     rgb = jnp.broadcast_to(bg, alpha.shape + (3,))
   elif cfg.aggr_rgb == "softmax":
     # Background logit 2·eps/γ as in the kernel (its sum starts at e^{eps/γ} while m = eps,
-    # softras.md §1.4), or the paper's eps/γ. Shifted by max(M, bg logit): e^{eps/γ} never overflows.
+    # kernel.cu:333-334), or the paper's eps/γ. Shifted by max(M, bg logit): e^{eps/γ} never overflows.
     bg_logit = (2.0 if cfg.bg_double_eps else 1.0) * cfg.eps
     shift = jnp.maximum(m, bg_logit)
     scale = jnp.exp((m - shift) / cfg.gamma)
@@ -857,7 +861,7 @@ def soft_rasterize(face_vertices, face_textures=None, *, image_size: int, sigma:
                    drop_alpha_grad_beyond_near_far: bool | None = None, texel_eps: float = 1e-5,
                    return_aux: bool = False, impl: str = "tiled", tile_size: int | None = None,
                    faces_per_item: int = 32, pairs_per_step: int = 1 << 16):
-  """SoftRas's soft rasterizer (softras.md Appendix A), in pure JAX.
+  """SoftRas's soft rasterizer (ShichenLiu/SoftRas ``functional/soft_rasterize.py``), in pure JAX.
 
   All keyword arguments are static Python values. Differentiable w.r.t. `face_vertices` and
   `face_textures` (reverse mode; the tiled path has a custom VJP).
@@ -878,7 +882,7 @@ def soft_rasterize(face_vertices, face_textures=None, *, image_size: int, sigma:
     aggr_rgb: 'softmax' (depth softmax) or 'hard' (colour of the hard z-buffer's face).
     dist_func: 'euclidean' (squared distance to the boundary) or 'barycentric' (signed (min w)²).
     softras_grad: True reproduces SoftRas's analytic gradient: the clipped barycentrics used for
-      depth and colour are constants in x, y (softras.md §1.5). False: full autodiff.
+      depth and colour are constants in x, y (kernel.cu:463-637). False: full autodiff.
     bg_double_eps: True (SoftRas's kernel): the background logit is 2·eps/γ; False: the paper's eps/γ.
     drop_alpha_grad_beyond_near_far: True (SoftRas's backward, kernel.cu:575): pairs whose depth is
       outside [near, far] get no alpha gradient though they count in the forward alpha. None
@@ -902,7 +906,9 @@ def soft_rasterize(face_vertices, face_textures=None, *, image_size: int, sigma:
       ``p2f`` (B, F, 2), per face Σ_p e_pf·(x_p, y_p) / Σ_p e_pf in screen coordinates (y up),
         e_pf = D·exp((zn - M_p)/γ) the face's unnormalised softmax weight at pixel p (M_p the
         kernel's final running max); 0 for faces with no weight; stop-gradient (UMR's
-        texture-cycle target, umr.md §1.7, computed in every RGB mode);
+        texture-cycle target: ``p2f_info`` of NVlabs/UMR's modified SoftRas,
+        ``external/SoftRas/soft_renderer/cuda/soft_rasterize_cuda_kernel.cu``, which sums it in
+        softmax mode only; here it is computed in every RGB mode);
       ``p2f_weight`` (B, F), Σ_p e_pf;
       ``faces_per_tile`` () int32, the fullest tile's face count (F for 'dense');
       ``work_items`` () int32, the (tile, ≤K faces) items evaluated ('tiled' only).
