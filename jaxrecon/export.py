@@ -6,8 +6,8 @@ What is exported (the simplest correct form of our texture model):
   (`uv_texture_image`). Its pixel grid is the sphere UV square [-1, 1]² with align_corners=True
   pixel centres, exactly the coordinates the renderer's texel sampler φ reads the flow at
   (`components.face_flow`), so the mesh's texture is the network's, resampled at a chosen size.
-* Per-vertex UVs are `mesh.sphere_uv` of the **unit-sphere** vertices (as φ, umr.md §1.6), turned
-  into OBJ/glTF texture coordinates (`texcoords`: origin bottom-left; a UV at a pixel centre maps to
+* Per-vertex UVs are `mesh.sphere_uv` of the **unit-sphere** vertices (as φ, `SymmetricMesh.uv_sampler`),
+  turned into OBJ/glTF texture coordinates (`texcoords`: origin bottom-left; a UV at a pixel centre maps to
   that pixel's centre). A viewer interpolates them linearly across a face, where the renderer samples
   φ at each texel's sphere point; on the 1280-face sphere the two differ by a fraction of a texel.
 * Seams (`corner_uvs`): jaxrecon's default symmetric UV (``config.mesh.symmetric_uv``) has no seam

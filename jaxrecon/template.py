@@ -1,4 +1,5 @@
-"""The learned template V_temp and its semantic parts (paper §3 "two stages", §4.1; umr.md §2.2, §2.4).
+"""The learned template V_temp and its semantic parts (paper §3 "two stages", §4.1; NVlabs/UMR
+experiments/train_s1.py learns the template, experiments/avg_uv.py labels its parts).
 
 Stage 1 learns V_temp from the sphere; from the stage-1 model, the part probability maps of the
 training images (SCOPS for CUB, the generator's maps for `synthetic_birds`) give every vertex and
@@ -9,7 +10,7 @@ face a part label, in one of two ways (`labels_from` in template.json):
   reads are summed over the dataset and over mirror pairs; a vertex takes the largest foreground
   part, a face the largest of its corners' summed reads. This uses the shape and camera, which
   stage 1 learns first.
-* 'uv_flow' (UMR's route, umr.md §2.4): the part maps are carried into UV space by the predicted
+* 'uv_flow' (UMR's route, experiments/avg_uv.py): the part maps are carried into UV space by the predicted
   texture flow and averaged; a face takes the majority label of its texels, a vertex that of its
   faces. It needs a good texture flow; after a short stage 1 it labels worse (BENCHMARKS.md).
 
@@ -19,7 +20,8 @@ and no exemplar search, and its labels are measured against the generator's grou
 BENCHMARKS.md). Labels are taken over the foreground parts only: every surface point belongs to
 some part.
 
-One folder, one layout (UMR reads and writes its vertex lists in different places, umr.md §2.4):
+One folder, one layout (UMR reads and writes its vertex lists in different places: experiments/avg_uv.py
+saves ``*_vertices.npy`` in its output folder, nnutils/loss_utils.py reads them from ``vertices_idx/``):
 
   template.json       format, mesh sizes, faces checksum, part names, UV settings, provenance
   vertices_half.npy   (V_half, 3) float32: V_temp's free vertices, what D_shape's offsets add to (Eq. 2)

@@ -1,7 +1,8 @@
 """Stage 1's template learning and the semantic template export (floor 3, used by `train`).
 
-Stage 1 (`config.stage = 'template'`, umr.md §2.2) trains a single-camera model on the sphere and,
-every `config.template.update_every` steps, moves the template to the dataset-mean shape:
+Stage 1 (`config.stage = 'template'`; UMR's is NVlabs/UMR experiments/train_s1.py) trains a
+single-camera model on the sphere and, every `config.template.update_every` steps, moves the
+template to the dataset-mean shape:
 V_temp ← V_temp + δ̄ with δ̄ the mean of D_shape's offsets over the training images (UMR computes
 f_shape(mean z); its f_shape is linear, so that is the same mean). `train.TrainState` explains why
 the state keeps δ̄ instead of rewriting the model. At the end, `export` writes the template folder
@@ -104,7 +105,7 @@ def part_names(config) -> list[str]:
   if config.data.dataset == "synthetic":
     from jaxrecon.data import synthetic  # pylint: disable=g-import-not-at-top
     return list(synthetic.PART_NAMES)
-  return ["background", "head", "neck", "back", "belly"]     # SCOPS's CUB parts (umr.md §2.4)
+  return ["background", "head", "neck", "back", "belly"]     # SCOPS's CUB parts (UMR experiments/avg_uv.py)
 
 
 def export(config, model, sphere, state, directory: str) -> template_lib.Template:

@@ -6,13 +6,14 @@ Conventions (docs/architecture.md repeats them):
 * Quaternions are ``[w, x, y, z]`` (scalar first, Hamilton product), acting on column vectors:
   ``R(q) @ p``. `quat_normalize` is guarded, so a zero quaternion gives the identity with a finite
   (zero) gradient instead of NaN.
-* A weak-perspective camera is an array ``(..., 7) = [s, tx, ty, qw, qx, qy, qz]`` (UMR, umr.md §1.4).
+* A weak-perspective camera is an array ``(..., 7) = [s, tx, ty, qw, qx, qy, qz]`` (UMR's, NVlabs/UMR
+  ``nnutils/cub_mesh.py`` ``Camera`` and ``nnutils/geom_utils.py`` ``orthographic_proj_withz``).
   `project` maps a canonical point X to **image coordinates** ``s * (R X)_{xy} + (tx, ty)``: x to the
   right, **y down**, in [-1, 1] over the image — exactly grid_sample's convention and that of the
   normalised keypoints — plus a depth ``s * (R X)_z``.
-* The rasterizer (softras.md §1.2) uses **screen coordinates**: x right, **y up**, z = positive
-  depth. `image_to_screen` is the only place where one turns into the other (y flipped, depth offset,
-  UMR's ``offset_z = 5``, umr.md §1.7).
+* The rasterizer (SoftRas's conventions, see `jaxrecon.render.rasterize`) uses **screen coordinates**:
+  x right, **y up**, z = positive depth. `image_to_screen` is the only place where one turns into
+  the other (y flipped, depth offset, UMR's ``offset_z = 5`` from NVlabs/UMR ``nnutils/smr.py``).
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def project_to_screen(points, cam, depth_offset: float = 5.0):
 
 
 def look_at(points, eye, at=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0)):
-  """SoftRas's ``look_at`` transform into camera coordinates (softras.md §1.2).
+  """SoftRas's ``look_at`` transform into camera coordinates (ShichenLiu/SoftRas ``functional/look_at.py``).
 
   The camera looks along +z from `eye` toward `at`: ``z_axis = normalize(at - eye)``,
   ``x_axis = normalize(cross(up, z_axis))``, ``y_axis = normalize(cross(z_axis, x_axis))``.
@@ -199,8 +200,9 @@ def look_at(points, eye, at=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0)):
 def perspective(points, angle_degrees: float = 30.0, min_depth: float = 1e-5):
   """SoftRas's perspective divide: ``(x, y, z) -> (x / (z tan a), y / (z tan a), z)``.
 
-  SoftRas has no clipping (softras.md §6.4); here depth is clamped to `min_depth` so points at or
-  behind the camera give large but finite coordinates instead of inf/NaN.
+  SoftRas divides by z unguarded (ShichenLiu/SoftRas ``functional/perspective.py``); here depth is
+  clamped to `min_depth` so points at or behind the camera give large but finite coordinates
+  instead of inf/NaN.
 
   Args:
     points: (..., N, 3) camera-frame points.

@@ -8,17 +8,20 @@ Conventions (used by every floor of jaxrecon; docs/architecture.md repeats them)
 
 * Vertices are ordered ``[on-plane | one side (y > 0) | mirrored side (y < 0)]`` with
   ``vertices[num_center + num_side + i] == vertices[num_center + i] * (1, -1, 1)``; the mirror plane
-  is y = 0, as in UMR (umr.md §1.1). For the 642-vertex sphere this is 32 + 305 + 305, so a shape is
+  is y = 0, as in UMR (``make_symmetric`` in NVlabs/UMR utils/mesh.py, called with ``axis=1`` by
+  experiments/train_s2.py). For the 642-vertex sphere this is 32 + 305 + 305, so a shape is
   described by 337 free ("half") vertices.
 * Faces are ordered ``[plane-crossing | one side | mirrored side]`` (32 + 624 + 624) and wound
   counter-clockwise seen from outside (outward normals). The mirror of face ``(a, b, c)`` is
   ``(m(a), m(c), m(b))`` so that it stays outward.
-* Texels: a face carries ``R*R`` texels in SoftRas's "surface" layout (softras.md §1.4). The triangle
-  is cut by the lines ``w_k = n/R`` into ``R*R`` small triangles; texel ``j*R + i`` is the small
+* Texels: a face carries ``R*R`` texels in SoftRas's "surface" layout (``forward_sample_texture`` in
+  ShichenLiu/SoftRas soft_renderer/cuda/soft_rasterize_cuda_kernel.cu). The triangle is cut by
+  the lines ``w_k = n/R`` into ``R*R`` small triangles; texel ``j*R + i`` is the small
   triangle that SoftRas's lookup reads for barycentrics ``(w0, w1)`` (see `texel_index`), and its
   colour is sampled at that small triangle's centroid (see `texel_barycentrics`). The UV sampler, the
   texture sampler and the rasterizer all use this one layout. (UMR samples a 6x6 grid at i/5 in a
-  transposed order, umr.md §1.6; we deliberately do not copy that quirk.)
+  transposed order, NVlabs/UMR utils/mesh.py ``compute_uvsampler``; we deliberately do not copy
+  that quirk.)
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ def icosphere(subdivisions: int = 3) -> tuple[np.ndarray, np.ndarray]:
 
   Each refinement splits every triangle into four and projects the new midpoints onto the unit
   sphere; 3 refinements give 642 vertices and 1280 faces (UMR's base mesh). Written by hand on
-  purpose: mesh libraries disagree on what a "subdivision" of an icosphere means (umr.md §1.1).
+  purpose: mesh libraries disagree on what a "subdivision" of an icosphere means (UMR calls
+  meshzoo 0.4.3's ``iso_sphere(3)``, NVlabs/UMR utils/mesh.py ``create_sphere``; in later meshzoo
+  releases the same call gives a 92-vertex sphere).
 
   Returns:
     vertices: (V, 3) float64 on the unit sphere. faces: (F, 3) int64, outward (CCW) winding.
@@ -103,8 +108,9 @@ def texel_index(w0, w1, resolution: int):
   """SoftRas's "surface" texel lookup for barycentrics (w0, w1), clamped to the face.
 
   ``i = floor(w0*R)``, ``j = floor(w1*R)``; if the point lies in the lower half of cell (i, j) the
-  texel is ``j*R + i``, else the folded ``(R-1-j)*R + (R-1-i)`` (softras.md §1.4). SoftRas reads out
-  of bounds at w0 == 1; like PyTorch3D we clamp i and j to R-1.
+  texel is ``j*R + i``, else the folded ``(R-1-j)*R + (R-1-i)`` (``forward_sample_texture`` in
+  ShichenLiu/SoftRas soft_renderer/cuda/soft_rasterize_cuda_kernel.cu). SoftRas reads out of bounds
+  at w0 == 1; like PyTorch3D we clamp i and j to R-1.
 
   Args:
     w0, w1: arrays of the same shape (numpy or jax), barycentrics in [0, 1].
@@ -228,7 +234,8 @@ class SymmetricMesh:
   def uv_sampler(self, resolution: int = 6, symmetric: bool = True) -> np.ndarray:
     """The fixed sphere UV sampler φ: (F, R*R, 2) float32 UV coordinates of every texel centre.
 
-    Computed on the unit-sphere positions (not the learned template), as UMR does (umr.md §1.6).
+    Computed on the unit-sphere positions (not the learned template), as UMR does (NVlabs/UMR
+    nnutils/cub_mesh.py ``MeshNet`` calls utils/mesh.py ``compute_uvsampler`` on the sphere).
     See `sphere_uv` for the two parametrisations.
     """
     bary = texel_barycentrics(resolution)                                  # (R*R, 3)
@@ -268,7 +275,8 @@ def sphere_uv(points, symmetric: bool = True, xp=jnp):
   * ``symmetric=True`` (jaxrecon's default): ``u = 2*atan2(|y|, x)/pi - 1``. Mirror images share a
     UV, so a texture is symmetric by construction with no copy step, the whole UV image is used (2x
     UMR's texel density) and there is no seam: u is continuous everywhere.
-  * ``symmetric=False``: UMR's ``u = (atan2(y, x) + pi)/pi - 1`` (umr.md §1.6), seam at y = 0, x < 0.
+  * ``symmetric=False``: UMR's ``u = (atan2(y, x) + pi)/pi - 1`` (NVlabs/UMR utils/mesh.py
+    ``get_spherical_coords``), seam at y = 0, x < 0.
 
   Gradients are finite everywhere (poles and the origin included): the square roots and the
   ``acos``/``atan2`` singularities are guarded with the double-`where` trick.

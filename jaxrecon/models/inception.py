@@ -1,4 +1,5 @@
-"""The FID InceptionV3, exactly as pytorch-fid builds it (fid-and-weights.md §2), in Flax.
+"""The FID InceptionV3, exactly as pytorch-fid builds it (``fid_inception_v3`` and ``InceptionV3`` in
+mseitzer/pytorch-fid src/pytorch_fid/inception.py), in Flax.
 
 This is torchvision's Inception3 with pytorch-fid's patches: FIDInceptionA/C/E_1 average-pool with
 ``count_include_pad=False``, FIDInceptionE_2 (Mixed_7c) max-pools, BatchNorm epsilon 1e-3, and the

@@ -1,8 +1,9 @@
 """Perceptual feature networks (AlexNet and VGG-16 `features`) and the distances built on them.
 
 * `perceptual_distance`: UMR's texture loss, PerceptualSimilarity's uncalibrated ``net`` mode
-  (umr.md §2.1): Σ over the five relu stages of ``1 - spatial mean of the cosine similarity`` of
-  channel-normalised features.
+  (NVlabs/UMR nnutils/perceptual_loss.py with ``model='net', net='alex'``; ``PNet`` in
+  external/PerceptualSimilarity/models/networks_basic.py): Σ over the five relu stages of
+  ``1 - spatial mean of the cosine similarity`` of channel-normalised features.
 * `lpips_distance`: LPIPS's ``net-lin`` form, Σ over stages of the spatial mean of
   ``Σ_c w_c (n0 - n1)^2`` with the 6 kB linear heads given as arrays.
 
@@ -85,7 +86,7 @@ def normalize_channels(features, eps: float = 1e-10):
 
 
 def perceptual_distance(features0: Sequence, features1: Sequence):
-  """UMR's perceptual texture distance (Eq. 35's perceptual term; umr.md §2.1), per image.
+  """UMR's perceptual texture distance (Eq. 35's perceptual term; see the module docstring), per image.
 
   Args:
     features0, features1: the 5 stage maps of `FeatureNet` for the two images, each (B, H, W, C).

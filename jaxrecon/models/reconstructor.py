@@ -1,5 +1,9 @@
-"""The reconstruction network (paper Fig. 5; UMR's stage-2 design, umr.md §1): an encoder F_e and
-the decoders D_shape, D_cam, D_flow and the paper's D_var, plus the discriminator D of Eq. 37-39.
+"""The reconstruction network (paper Fig. 5): an encoder F_e and the decoders D_shape, D_cam, D_flow
+and the paper's D_var, plus the discriminator D of Eq. 37-39.
+
+The encoder and D_shape, D_cam, D_flow follow UMR's stage-2 ``MeshNet`` (NVlabs/UMR
+nnutils/cub_mesh.py, whose class names are cited below; its building blocks are in
+nnutils/net_blocks.py).
 
 Shapes for a batch of B images of size S (UMR: S = 256, 128x256 UV map, 8 camera hypotheses):
 
@@ -68,7 +72,7 @@ class FCStack(nn.Module):
 
 
 class Encoder(nn.Module):
-  """F_e: ResNet-18 → 4x4/2 conv + BN + LeakyReLU(0.2) → two FC layers → feature (umr.md §1.2)."""
+  """F_e: ResNet-18 → 4x4/2 conv + BN + LeakyReLU(0.2) → two FC layers → feature (``Encoder``)."""
   feature_dim: int = 200
   conv_channels: int = 256
   resnet_widths: tuple[int, ...] = (64, 128, 256, 512)
@@ -88,7 +92,7 @@ class Encoder(nn.Module):
 
 
 class ShapeDecoder(nn.Module):
-  """D_shape: feature → offsets of the free vertices (B, V_half, 3), init N(0, 1e-4) (umr.md §1.3)."""
+  """D_shape: feature → offsets of the free vertices (B, V_half, 3), init N(0, 1e-4) (``ShapePredictor``)."""
   num_half_vertices: int
 
   @nn.compact
@@ -99,7 +103,7 @@ class ShapeDecoder(nn.Module):
 
 
 class CameraMultiplex(nn.Module):
-  """D_cam: H weak-perspective hypotheses and their probabilities (umr.md §1.4).
+  """D_cam: H weak-perspective hypotheses and their probabilities (``MultiCamPredictor``, ``Camera``).
 
   Each hypothesis: scale ``relu(fc + 1) + 1e-12``, translation, a unit quaternion and a logit;
   probabilities are the softmax of the logits. The quaternion biases start at `initial_quaternions`
@@ -131,7 +135,8 @@ class CameraMultiplex(nn.Module):
 
 class UpConvDecoder(nn.Module):
   """UMR's ``decoder2d``: FC → (h0, w0, C) → n × [upsample 2x, reflect-pad conv3 + LReLU,
-  conv3 + BN + LReLU] with channels halving → conv3 to `out_channels` (umr.md §1.5)."""
+  conv3 + BN + LReLU] with channels halving → conv3 to `out_channels` (NVlabs/UMR nnutils/net_blocks.py,
+  used by ``TexturePredictorUV`` in nnutils/cub_mesh.py)."""
   base_shape: tuple[int, int]
   base_channels: int
   num_stages: int

@@ -1,4 +1,5 @@
-"""ResNet-18 trunk in torchvision's layout (the encoder's backbone, umr.md §1.2).
+"""ResNet-18 trunk in torchvision's layout (the encoder's backbone: ``ResNetConv`` in NVlabs/UMR
+nnutils/cub_mesh.py).
 
 Module names mirror torchvision's state-dict keys with numeric indices joined by '_'
 (``layer2.0.downsample.1.weight`` → ``layer2_0/downsample_1/scale``) so that
