@@ -1,4 +1,5 @@
-"""The training losses (paper Eq. 1-6, 10-14, 35-39; UMR's definitions and weights, umr.md §2).
+"""The training losses (paper Eq. 1-6, 10-14, 35-39; UMR's definitions and weights: NVlabs/UMR
+nnutils/loss_utils.py and the flag defaults of experiments/train_s1.py and train_s2.py).
 
 Every loss is a pure function of arrays; each returns a per-image vector (B,) unless it says
 otherwise, so the trainer can weight, average and log terms separately. Where the paper and UMR's
@@ -87,7 +88,11 @@ def deformation_loss(half_offsets):
 
 
 def symmetry_plane_loss(vertices, num_center: int):
-  """Stage 1's `ori_reg` (umr.md §2.2): mean |y| of the on-plane vertices, pulling them to y = 0. (B,)"""
+  """Stage 1's `ori_reg`: mean |y| of the on-plane vertices, pulling them to y = 0. (B,)
+
+  After UMR's ``sym_reg`` (NVlabs/UMR nnutils/loss_utils.py; weight ``ori_reg_wt`` in
+  experiments/train_s1.py), which averages |y| over all vertices.
+  """
   return jnp.mean(jnp.abs(vertices[:, :num_center, 1]), axis=1)
 
 
@@ -185,9 +190,10 @@ def texture_cycle_loss(flow, p2f, visible):
   """Texture-flow alignment with SoftRas's pseudo-label (Eq. 12): for every visible face, the squared
   distance between the mean of its flow samples and the soft-weighted mean pixel it covers (p2f).
 
-  UMR's stage 2 takes p2f from the hard renderer, where it is always zero (umr.md §7.1); here the
-  target is the soft renderer's p2f, held constant (stop-gradient), as UMR's stage 1 does. The mean
-  is over visible faces (UMR divides by all faces).
+  UMR's stage 2 takes p2f from the hard renderer (NVlabs/UMR nnutils/loss_utils.py,
+  ``MultiTextureLoss``), whose kernel fills it in softmax mode only, so the target is always zero;
+  here the target is the soft renderer's p2f, held constant (stop-gradient), as UMR's stage 1
+  (experiments/train_s1.py) does. The mean is over visible faces (UMR divides by all faces).
 
   Args:
     flow: (B, F, T*T, 2) image coordinates; p2f: (B, F, 2) image coordinates (same convention);
@@ -203,7 +209,8 @@ def texture_cycle_loss(flow, p2f, visible):
 
 def visible_faces(face_index, num_faces: int):
   """(B, S, S) hard z-buffer face indices (−1 = background) -> (B, F) bool. Background is not a face
-  (UMR's `TexCycle` marks face −1, i.e. the last face, visible: umr.md §7.10)."""
+  (UMR's `TexCycle`, NVlabs/UMR nnutils/loss_utils.py, indexes its mask with the background's −1,
+  which marks the last face visible)."""
   b = face_index.shape[0]
   flat = face_index.reshape(b, -1)
   hits = jnp.zeros((b, num_faces + 1), jnp.int32).at[jnp.arange(b)[:, None], jnp.where(flat >= 0, flat, num_faces)].add(1)

@@ -1,4 +1,5 @@
-"""CUB-200-2011 in CMR's annotation format, preprocessed as CMR/UMR do (umr.md §3).
+"""CUB-200-2011 in CMR's annotation format, preprocessed as CMR/UMR do (NVlabs/UMR data/cub.py and
+data/base.py, ``BaseDataset.forward_img``; akanazawa/cmr data/cub.py and data/base.py).
 
 Expected layout (all user-supplied; nothing is downloaded):
 
@@ -14,7 +15,8 @@ crop with white fill for the image and 0 for the mask; bilinear resize to the ou
 too, so its edges are soft); horizontal flip with CUB's keypoint permutation (train only by default —
 UMR also flips at test time, available as ``flip='always_random'``); keypoints normalised as
 ``2x/S − 1`` with invisible ones zeroed. SCOPS maps are aligned to the un-jittered crop (as UMR
-precomputes them); here they are warped by the same jitter, which UMR skips (umr.md §3).
+precomputes them); here they are warped by the same jitter, which UMR skips (its
+``BaseDataset.forward_img`` loads the SCOPS map after cropping the image and does not crop it).
 """
 
 from __future__ import annotations

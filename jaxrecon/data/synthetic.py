@@ -41,7 +41,7 @@ from jaxrecon.geometry import mesh as mesh_lib
 PART_NAMES = ("background", "head", "neck", "back", "belly")
 KEYPOINT_NAMES = ("Back", "Beak", "Belly", "Breast", "Crown", "FHead", "LEye", "LLeg", "LWing", "Nape",
                   "REye", "RLeg", "RWing", "Tail", "Throat")
-# CUB's horizontal-flip permutation of the keypoints (umr.md §3, 0-indexed).
+# CUB's horizontal-flip permutation of the keypoints (``kp_perm`` in NVlabs/UMR data/cub.py, 0-indexed).
 KEYPOINT_FLIP = np.array([1, 2, 3, 4, 5, 6, 11, 12, 13, 10, 7, 8, 9, 14, 15]) - 1
 
 # Ellipsoid indices in `BirdShape.ellipsoids`.

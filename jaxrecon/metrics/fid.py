@@ -2,14 +2,17 @@
 
 FID between feature sets with means μ and covariances Σ is
 ``‖μ_a − μ_b‖² + Tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^{1/2})`` (Eq. 42-43). Two exact routes to the trace term,
-neither of which forms a complex matrix square root (fid-and-weights.md §3):
+neither of which forms a complex matrix square root (``calculate_frechet_distance`` in mseitzer/pytorch-fid
+src/pytorch_fid/fid_score.py takes ``scipy.linalg.sqrtm`` of Σ_a Σ_b, which can come back complex with a
+small imaginary part that it discards):
 
 * statistics route (the metric, any n): for any factor ``Σ_a = F Fᵀ`` (Cholesky when Σ_a is positive
   definite, else the symmetric square root), ``Tr (Σ_a Σ_b)^{1/2} = Σ_i sqrt(λ_i(Fᵀ Σ_b F))`` — one
   symmetric eigenvalue problem in float64, eigenvalues clipped at 0.
 * feature route (the loss, batches): for centred features A (n×d) and B (m×d),
-  ``Tr (Σ_a Σ_b)^{1/2} = ‖A Bᵀ‖_* / sqrt((n−1)(m−1))``, the nuclear norm of a small n×m matrix. Its
-  gradient is finite even though the centred batch covariances are rank-deficient.
+  ``Tr (Σ_a Σ_b)^{1/2} = ‖A Bᵀ‖_* / sqrt((n−1)(m−1))``, the nuclear norm of a small n×m matrix
+  (the nonzero eigenvalues of AᵀA·BᵀB are the squared singular values of A Bᵀ). Its gradient is
+  finite even though the centred batch covariances are rank-deficient.
 
 pytorch-fid's `calculate_frechet_distance` (scipy ``sqrtm``) is the outside oracle in the tests.
 """

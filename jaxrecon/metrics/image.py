@@ -1,4 +1,4 @@
-"""Image metrics of the CUB evaluation: SSIM and the soft mask IoU (umr.md §4.1, §4.3).
+"""Image metrics of the CUB evaluation: SSIM and the soft mask IoU (paper §4.3, Table 1).
 
 Both take NHWC batches and return one value per image, ``(B,)``; the benchmark number is the mean over
 the test split. Both are pure ``jnp`` and jit-able.
@@ -27,10 +27,12 @@ SSIM_FILTER_SIGMA = 1.5
 def ssim(a, b, mask=None):
   """Per-image SSIM with skimage's Gaussian-window convention (see the module docstring).
 
-  The evaluation protocol (paper Table 1; umr.md §4.3): `a` is the textured render from the
-  predicted shape, camera and texture on a black background, `b` the input image and `mask` its
-  ground-truth mask, so the score is ``SSIM(render, image · mask)`` at 256×256, averaged over the
-  test split. Only `b` is multiplied by `mask`; the render already has a black background.
+  The evaluation protocol (paper §4.3, Table 1, which does not spell it out, and UMR's evaluation
+  scripts, NVlabs/UMR experiments/, compute no SSIM; so this is jaxrecon's choice): `a` is the
+  textured render from the predicted shape, camera and texture on a black background, `b` the
+  input image and `mask` its ground-truth mask, so the score is ``SSIM(render, image · mask)`` at
+  256×256, averaged over the test split. Only `b` is multiplied by `mask`; the render already has a
+  black background.
 
   Args:
     a, b: (B, H, W, C) images in [0, 1] (data range 1), H, W >= 11.
@@ -52,7 +54,7 @@ def ssim(a, b, mask=None):
 
 
 def mask_iou(pred, gt, eps: float = 1e-6):
-  """Soft IoU per image, UMR's ``test_iou.py`` formula (umr.md §4.1).
+  """Soft IoU per image, UMR's formula (NVlabs/UMR experiments/test_iou.py, ``evaluate``).
 
   ``Σ(p·g) / Σ(p + g − p·g)`` over the pixels. Neither mask is thresholded (UMR scores the soft
   rendered alpha against the soft resized ground-truth mask). The union is 0 only when both masks are

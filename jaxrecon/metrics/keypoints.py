@@ -1,4 +1,5 @@
-"""Keypoint-transfer PCK on CUB, UMR's protocol (``experiments/test_kp.py``; umr.md §4.2).
+"""Keypoint-transfer PCK on CUB, UMR's protocol (NVlabs/UMR ``experiments/test_kp.py`` and
+``data/cub_kp_transfer.py``).
 
 The benchmark: for random pairs (i, j) of test images, move the 15 ground-truth keypoints of image i
 onto image j through the two predictions, and count a transferred keypoint as correct when it lies
