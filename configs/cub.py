@@ -23,7 +23,8 @@ from configs import synthetic
 def get_config() -> ml_collections.ConfigDict:
   config = synthetic.get_config()
   config.batch_size = 16
-  # UMR: 500 epochs of ~371 iterations (5,964 training images at batch 16), umr.md §2.3.
+  # UMR: 500 epochs (num_epochs in NVlabs/UMR nnutils/train_utils.py) of ~371 iterations (5,964
+  # training images at batch 16).
   config.num_train_steps = 185_000
   config.log_every = 100
   config.log_images_every = 2000
@@ -62,7 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.variance.mode = "adaptive"
   config.variance.combine = "replace"   # neutral at D_var's initial V = 1 (configs/synthetic.py)
 
-  # umr.md §2.1 (stage 2), plus the paper's variance lookahead and FID.
+  # UMR's stage 2 (the flag defaults of NVlabs/UMR experiments/train_s2.py), plus the paper's
+  # variance lookahead and FID.
   w = config.loss_weights
   w.mask = 2.5
   w.laplacian = 0.15

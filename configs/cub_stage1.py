@@ -5,11 +5,11 @@ Command:
     --config.data.cub_dir=/data/CUB_200_2011 --config.data.cub_cache_dir=/data/cmr_cachedir \
     --config.data.scops_dir=/data/scops --config.weights.resnet18=weights/resnet18.npz
 
-UMR's stage 1 (umr.md §2.2): one camera, mask 3.0, laplacian 0.15, flatten 0.0004, deformation 5.0
-after the first template update, the symmetry-plane regulariser 0.4 for the first 3 epochs,
-texture 3.0 / 3.0, texture cycle 0.5, template update every 5 epochs (~1,865 steps at batch 16);
-100 epochs (our choice; UMR's default is 500 epochs per stage); UMR trains it with batch 64 over
-4 GPUs. Not run by jaxrecon yet. Expected result: the template
+UMR's stage 1 (NVlabs/UMR experiments/train_s1.py): one camera, mask 3.0, laplacian 0.15,
+flatten 0.0004, deformation 5.0 after the first template update, the symmetry-plane regulariser
+0.4 for the first 3 epochs, texture 3.0 / 3.0, texture cycle 0.5, template update every 5 epochs
+(~1,865 steps at batch 16); 100 epochs (our choice; UMR's default is 500 epochs per stage); UMR
+trains it with batch 64 over 4 GPUs. Not run by jaxrecon yet. Expected result: the template
 folder <workdir>/template (jaxrecon.template) for configs/cub.py's --config.model.template_dir.
 The GAN judges silhouettes (novel view vs seen view), as UMR's stage 1.
 """

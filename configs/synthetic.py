@@ -68,11 +68,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.disc_channels = 16
   config.model.disc_layers = 4
 
-  # Rendering (SoftRas defaults, umr.md §1.7).
+  # Rendering (SoftRas's defaults as UMR sets them: NVlabs/UMR nnutils/smr.py, SoftRenderer).
   config.render = ml_collections.ConfigDict()
-  # At 64 px, SoftRas's own reconstruction example's settings (softras.md): sigma 1e-4 (the 256-px
-  # default 1e-5 leaves a 0.1-px soft edge at 64 px, so few pixels carry silhouette gradients) and
-  # dist_eps 1e-10 (pairs up to 1.5 px outside a face still contribute). Measured: 0.717 vs 0.697
+  # At 64 px, SoftRas's own reconstruction example's settings (ShichenLiu/SoftRas
+  # examples/recon/train.py and models.py): sigma 1e-4 (the 256-px default 1e-5 leaves a 0.1-px soft
+  # edge at 64 px, so few pixels carry silhouette gradients) and dist_eps 1e-10 (pairs up to 1.5 px
+  # outside a face still contribute). Measured: 0.717 vs 0.697
   # test mask IoU after 300 steps with (1.6e-4, 1e-4), 0.61 after 150 steps with (1e-5, 1e-4).
   config.render.sigma = 1e-4
   config.render.gamma = 1e-4
@@ -90,7 +91,8 @@ def get_config() -> ml_collections.ConfigDict:
   # gradient step of a per-image-mean loss moved it by ~0.02 px: no look-ahead at all).
   config.variance.lookahead_step_px = 1.0
 
-  # Loss weights (UMR's stage 2, umr.md §2.1, plus the paper's terms).
+  # Loss weights (UMR's stage 2, the flag defaults of NVlabs/UMR experiments/train_s2.py, plus the
+  # paper's terms).
   config.loss_weights = ml_collections.ConfigDict()
   # UMR's 2.5. At lr 6e-4 and 300 steps, 5.0 scored test IoU 0.691 / SSIM 0.511 vs 0.699 / 0.522 for 2.5
   # (one seed each; at 150 steps 5.0 had looked better: 0.701 vs 0.682 validation IoU).
@@ -109,7 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss_weights.variance_lookahead = 1.0
   config.loss_weights.gan = 0.0         # off on CPU (~10% of the step); configs/cub.py uses UMR's 1.0
   config.gan_input = "rgba"             # what D sees: 'rgba' (stage 2) or 'silhouette' (UMR's stage 1)
-  config.loss_weights.symmetry_plane = 0.0   # stage 1's ori_reg (umr.md §2.2)
+  config.loss_weights.symmetry_plane = 0.0   # stage 1's ori_reg (NVlabs/UMR experiments/train_s1.py)
   # The semantic terms need the stage-1 template (config.model.template_dir): UMR's 5.0 and 10.0,
   # set by configs/synthetic_pipeline.py and configs/cub.py.
   config.loss_weights.part_probability = 0.0   # Eq. 14

@@ -3,9 +3,10 @@ r"""Stage 1 on `synthetic_birds`: learn the template V_temp from the sphere and 
 Command:
   python -m jaxrecon.main --config=configs/synthetic_stage1.py --workdir=workdir/synthetic_stage1
 
-UMR's stage 1 (umr.md §2.2) at CPU size: one camera, the sphere start, mask 3.0, smoothness,
-the deformation loss only after the first template update, the symmetry-plane regulariser only
-before it, texture 3.0 / 3.0 and texture cycle 0.5; no variance branch, no FID (the paper, §4.1).
+UMR's stage 1 (NVlabs/UMR experiments/train_s1.py) at CPU size: one camera, the sphere start,
+mask 3.0, smoothness, the deformation loss only after the first template update, the
+symmetry-plane regulariser only before it, texture 3.0 / 3.0 and texture cycle 0.5; no variance
+branch, no FID (the paper, §4.1).
 The template moves to the dataset-mean shape every `template.update_every` steps; at the end the
 template folder (jaxrecon.template) is written to <workdir>/template. Stage 2 reads it with
 --config.model.template_dir=<workdir>/template (configs/synthetic_pipeline.py chains the two).

@@ -91,7 +91,7 @@ def test_look_at_and_perspective_match_softras_formulas():
   eye = np.array([0.0, 0.0, -2.732])
   points = np.random.default_rng(9).normal(0, 0.3, (1, 20, 3))
   cam_points = camera.look_at(jnp.asarray(points, jnp.float32), jnp.asarray(eye[None], jnp.float32))
-  # Looking at the origin from -z with up +y is a pure translation (umr.md §1.7).
+  # Looking at the origin from -z with up +y is a pure translation (UMR's eye, NVlabs/UMR nnutils/smr.py).
   np.testing.assert_allclose(cam_points, points - eye, atol=1e-5)
   screen = camera.perspective(cam_points, angle_degrees=30.0)
   width = np.tan(np.deg2rad(30.0))
