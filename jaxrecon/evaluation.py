@@ -9,7 +9,8 @@ split, means keyed 'eval/<split>/<metric>', plus FID and keypoint-transfer PCK o
 Protocols (`PROTOCOLS` holds the strings written next to every result):
 
 * ``default``: the most probable camera hypothesis, no noise, no flips, every image of the split.
-* ``umr_compatible``: UMR's ``experiments/test_iou.py`` (umr.md §4.1, §7.2 and §7.8): each image
+* ``umr_compatible``: NVlabs/UMR ``experiments/test_iou.py`` (its test loader is ``data/cub.py``'s
+  ``data_loader(mirror=True)``, its camera ``MultiCamPredictor.sample`` of ``nnutils/cub_mesh.py``): each image
   is flipped horizontally with probability 0.5, the camera hypothesis is *sampled* from the
   predicted probabilities, the soft (not thresholded) silhouette is scored against the soft mask,
   and UMR's ``batch_size=32, drop_last=True`` is replicated (only the first ``32·⌊N/32⌋`` images are
@@ -58,9 +59,10 @@ _DEFAULT_ONLY = ("fid", "pck_0.1", "pck_0.15", *_CAMERA_METRICS, "chamfer_3d", "
 
 METRICS = {
     "mask_iou": ("soft IoU sum(p*g)/sum(p+g-p*g) of the rendered silhouette p vs the ground-truth mask "
-                 "g at the dataset resolution, mean over images (UMR test_iou.py; umr.md §4.1)"),
+                 "g at the dataset resolution, mean over images (NVlabs/UMR experiments/test_iou.py)"),
     "ssim": ("SSIM (skimage convention: Gaussian window sigma=1.5, K1=0.01, K2=0.03, data range 1, "
-             "mean over the valid region and RGB) of the render on black vs image*mask (umr.md §4.3)"),
+             "mean over the valid region and RGB) of the render on black vs image*mask (paper §4.3, Table 1; "
+             "UMR's scripts compute no SSIM, so this protocol is ours)"),
     "texture_l1": "mean |render*silhouette - image*mask| over pixels and channels (Eq. 10)",
     "camera_error_deg": ("median over images of the geodesic angle (degrees) between the predicted camera "
                          "rotation, after one change of the model's canonical frame fitted on the split (a "
@@ -87,7 +89,7 @@ METRICS = {
     "fid": ("Frechet Inception Distance (pytorch-fid InceptionV3 pool3, 2048-d, float64 statistics) "
             "between renders from random novel views (turned by U(0, 360) degrees about the image's "
             "vertical axis, Eq. 36; seeded) and the real images*mask, both on black, over the split"),
-    "pck_0.1": ("keypoint-transfer PCK@0.1 (UMR test_kp.py 'flow' mode, umr.md §4.2): {pairs} random "
+    "pck_0.1": ("keypoint-transfer PCK@0.1 (NVlabs/UMR experiments/test_kp.py, 'flow' mode): {pairs} random "
                 "pairs (RandomState(N).choice, with replacement), both directions, keypoints visible "
                 "in both images, correct when |err|*(1+2*0.05)/2 < 0.1, mean over keypoint types"),
     "pck_0.15": "as pck_0.1 with threshold 0.15",
@@ -233,12 +235,12 @@ def make_eval_step(config, model, sphere, protocol: str = "default"):
     b = image.shape[0]
     key = jax.random.key(0) if key is None else key
     flip_key, cam_key, view_key = jax.random.split(key, 3)
-    if protocol == "umr_compatible":   # UMR's test loaders flip at random (umr.md §7.8)
+    if protocol == "umr_compatible":   # UMR's test loader flips at random (NVlabs/UMR data/cub.py)
       flip = jax.random.bernoulli(flip_key, 0.5, (b,))[:, None, None, None]
       image = jnp.where(flip, image[:, :, ::-1], image)
       mask = jnp.where(flip, mask[:, :, ::-1], mask)
     pred = model.apply({"params": params, "batch_stats": batch_stats}, image, train=False)
-    if protocol == "umr_compatible":   # UMR samples the hypothesis (umr.md §7.2)
+    if protocol == "umr_compatible":   # UMR samples the hypothesis (nnutils/cub_mesh.py)
       best = jax.random.categorical(cam_key, jnp.log(jnp.maximum(pred.cam_probs, 1e-30)), axis=1)
     else:
       best = jnp.argmax(pred.cam_probs, axis=1)
@@ -301,7 +303,7 @@ def keypoint_faces(keypoints, flows, batch: int = 16) -> np.ndarray:
 
 
 def keypoint_transfer_pck(keypoints, flows, num_pairs: int, alphas=(0.1, 0.15), padding_frac: float = 0.05) -> dict:
-  """UMR's keypoint-transfer PCK (``test_kp.py``, 'flow' mode; umr.md §4.2) over a split.
+  """UMR's keypoint-transfer PCK (NVlabs/UMR ``experiments/test_kp.py``, 'flow' mode) over a split.
 
   For `draw_pairs` pairs (i, j), keypoints move i→j and j→i through the per-face texture flows
   (`metrics.keypoints.transfer_keypoints_flow`: the face whose source flow samples respond most to a

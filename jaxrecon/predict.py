@@ -14,7 +14,7 @@ test-time preprocessing, predicts shape, camera and texture, and writes OUT/<ima
 
 Cropping (`crop_box`): with ``--mask`` (a mask image of the same size, foreground > 50%) or
 ``--bbox`` (pixel corners, inclusive) the object's box is padded by 5% per side and squared about its
-centre (CMR/UMR test preprocessing, umr.md §3; parts outside the image are filled with white as
+centre (CMR/UMR test preprocessing, NVlabs/UMR data/base.py `forward_img`; parts outside the image are filled with white as
 CMR does, with a warning when the given box itself reaches outside; a box wholly outside the image is
 an error); without either, the largest centred square of the whole image is used and a warning is
 logged (the networks are trained on object-centred crops, so give a box for photos where the object

@@ -76,7 +76,7 @@ class TrainState:
   disc_params: Any
   disc_opt_state: Any
   key: Array
-  # Stage 1's template update (umr.md §2.2), as an exact reparametrisation: V_temp ← V_temp + δ̄ with
+  # Stage 1's template update (NVlabs/UMR experiments/train_s1.py), as an exact reparametrisation: V_temp ← V_temp + δ̄ with
   # D_shape's bias ← bias − δ̄ leaves every prediction unchanged and only moves the point the
   # deformation loss pulls the offsets to; so the state keeps δ̄ (the dataset-mean offset at the last
   # update, (V_half, 3)) and the loss regularises offsets − δ̄. The template is sphere + δ̄.
@@ -86,7 +86,7 @@ class TrainState:
 def loss_weight(config, term: str, step):
   """`config.loss_weights[term]`, zero outside the steps `config.loss_steps[term] = (start, stop)`
   (stop None: no end); stage 1 starts the deformation loss late and the symmetry-plane loss early
-  (umr.md §2.2). `step` may be traced."""
+  (NVlabs/UMR experiments/train_s1.py). `step` may be traced."""
   weight = config.loss_weights[term]
   window = config.get("loss_steps", {}).get(term)
   if window is None:
@@ -125,7 +125,7 @@ def part_setup(config, sphere):
 
 
 def learning_rate(config):
-  """UMR's schedule: lr / (1 + decay · step) (umr.md §2.3)."""
+  """UMR's schedule: lr / (1 + decay · step) (NVlabs/UMR nnutils/train_utils.py `adjust_learning_rate`)."""
   return lambda step: config.optim.learning_rate / (1.0 + config.optim.decay * step)
 
 
@@ -344,7 +344,7 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx, batch_axi
     # real masked images.
     if w.gan > 0:
       if gan_on_silhouettes:
-        # Stage 1's GAN (umr.md §2.2): the novel view's silhouette vs the seen view's (detached).
+        # Stage 1's GAN (NVlabs/UMR experiments/train_s1.py): the novel view's silhouette vs the seen view's (detached).
         fake = rasterize(novel_faces, None)[..., 3:]
         real_rgba = sil_best
       else:
