@@ -31,6 +31,7 @@ CHOICES = {
     "gan_input": ("rgba", "silhouette"),                           # train.discriminator_channels
     "data.dataset": ("synthetic", "cub"),                          # components.make_data
     "model.camera_init": ("identity", "azimuths"),                 # components
+    "camera_selection": ("expected", "best"),                      # train.make_train_step
     "variance.mode": ("adaptive", "paper", "none"),                # ops.variance.MODES
     "variance.combine": ("replace", "add"),                        # ops.variance.COMBINES
     "template.labelling": ("vertex_projection", "uv_flow"),        # templating

@@ -24,8 +24,17 @@ from jaxrecon.metrics.fid import fid_loss  # noqa: F401  (re-exported: Eq. 40-47
 # --------------------------------------------------------------------------------------------
 
 
+def mask_iou_per_hypothesis(pred_masks, gt_masks, eps: float = 1e-6):
+  """Negative soft IoU (Eq. 1) of each hypothesis: (B, H, S, S), (B, S, S) -> (B, H)
+  ``1 − Σ p·t / Σ (p + t − p·t)``."""
+  t = gt_masks[:, None]
+  intersection = jnp.sum(pred_masks * t, axis=(-2, -1))
+  union = jnp.sum(pred_masks + t - pred_masks * t, axis=(-2, -1))
+  return 1.0 - intersection / (union + eps)
+
+
 def mask_iou_loss(pred_masks, gt_masks, probs=None, eps: float = 1e-6):
-  """Negative soft IoU (Eq. 1), per hypothesis, weighted by the hypothesis probabilities.
+  """Negative soft IoU (Eq. 1), per hypothesis, weighted by the hypothesis probabilities (UMR).
 
   Args:
     pred_masks: (B, H, S, S) soft silhouettes of H camera hypotheses (H = 1 for a single camera).
@@ -34,13 +43,28 @@ def mask_iou_loss(pred_masks, gt_masks, probs=None, eps: float = 1e-6):
   Returns:
     (B,) Σ_h p_h (1 − Σ p·t / Σ (p + t − p·t)).
   """
-  t = gt_masks[:, None]
-  intersection = jnp.sum(pred_masks * t, axis=(-2, -1))
-  union = jnp.sum(pred_masks + t - pred_masks * t, axis=(-2, -1))
-  per_hypothesis = 1.0 - intersection / (union + eps)
+  per_hypothesis = mask_iou_per_hypothesis(pred_masks, gt_masks, eps)
   if probs is None:
     return jnp.sum(per_hypothesis, axis=1)
   return jnp.sum(probs * per_hypothesis, axis=1)
+
+
+def best_hypothesis_losses(per_hypothesis, probs, eps: float = 1e-12):
+  """Winner-takes-all selection: the loss of each image's best hypothesis, and the cross-entropy
+  that teaches the probabilities to predict it.
+
+  UMR trains Σ_h p_h L_h, where a hypothesis that loses probability early stops being refined and
+  the choice locks in. Here the hypothesis with the lowest loss gets the whole gradient whatever the
+  probabilities say, and the probabilities learn which one that is (the argmin is not differentiated).
+
+  Args:
+    per_hypothesis: (B, H) losses (e.g. `mask_iou_per_hypothesis`); probs: (B, H).
+  Returns:
+    (best loss (B,), −log p_best (B,)).
+  """
+  best = jax.lax.stop_gradient(jnp.argmin(per_hypothesis, axis=1))
+  rows = jnp.arange(per_hypothesis.shape[0])
+  return per_hypothesis[rows, best], -jnp.log(probs[rows, best] + eps)
 
 
 def laplacian_loss(vertices, laplacian):

@@ -266,7 +266,11 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx, batch_axi
     all_cams = pred.cam_hypotheses.reshape(b * h, 7)
     all_faces = screen_faces(jnp.repeat(pred.vertices, h, axis=0), all_cams)
     sil = rasterize(all_faces, None)[..., 3].reshape(b, h, s, s)
-    terms["mask"] = losses.mask_iou_loss(sil, mask[..., 0], pred.cam_probs)
+    if config.camera_selection == "best":
+      terms["mask"], terms["camera_choice"] = losses.best_hypothesis_losses(
+          losses.mask_iou_per_hypothesis(sil, mask[..., 0]), pred.cam_probs)
+    else:   # 'expected': UMR's Σ_h p_h L_h
+      terms["mask"] = losses.mask_iou_loss(sil, mask[..., 0], pred.cam_probs)
     terms["laplacian"] = losses.laplacian_loss(pred.vertices, laplacian)
     terms["flatten"] = losses.flatten_loss(pred.vertices, edge_quads)
     offsets = pred.half_offsets if template_offset is None else pred.half_offsets - template_offset

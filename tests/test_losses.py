@@ -159,3 +159,23 @@ def test_flip_consistency_is_zero_exactly_for_flipped_cameras():
   assert float(jnp.min(rotation_only)) > 1.0
   grads = jax.grad(lambda c: jnp.sum(losses.flip_consistency_loss(cams, probs, c, probs[:, inverse], perm)))(turned)
   assert np.all(np.isfinite(grads))
+
+
+def test_best_hypothesis_takes_the_gradient_and_teaches_the_probabilities():
+  per_h = jnp.array([[0.5, 0.2, 0.9], [0.1, 0.4, 0.3]])
+  probs = jnp.array([[0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
+  loss, choice = losses.best_hypothesis_losses(per_h, probs)
+  np.testing.assert_allclose(loss, [0.2, 0.1])
+  np.testing.assert_allclose(choice, -np.log([0.1, 0.2]), rtol=1e-6)
+  # Whatever the probabilities, only the winner's loss gets a gradient.
+  g = jax.grad(lambda x: jnp.sum(losses.best_hypothesis_losses(x, probs)[0]))(per_h)
+  np.testing.assert_array_equal(g, [[0, 1, 0], [1, 0, 0]])
+  # The cross-entropy raises the winner's probability (through the logits).
+  logits = jnp.log(probs)
+  g_logits = jax.grad(lambda l: jnp.sum(losses.best_hypothesis_losses(per_h, jax.nn.softmax(l))[1]))(logits)
+  assert float(g_logits[0, 1]) < 0 and float(g_logits[1, 0]) < 0
+  # UMR's expected loss is the probability-weighted sum of the same per-hypothesis losses.
+  masks = jax.random.uniform(jax.random.key(0), (2, 3, 8, 8))
+  gt = (jax.random.uniform(jax.random.key(1), (2, 8, 8)) > 0.5).astype(jnp.float32)
+  np.testing.assert_allclose(losses.mask_iou_loss(masks, gt, probs),
+                             jnp.sum(probs * losses.mask_iou_per_hypothesis(masks, gt), 1), rtol=1e-6)
