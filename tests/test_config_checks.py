@@ -85,7 +85,7 @@ def test_batch_must_split_over_the_devices():
     ("model.feature_dims", "did you mean --config.model.feature_dim?"),
     ("modle.feature_dim", "did you mean --config.model.feature_dim?"),
     ("optim.lr", "the fields of --config.optim are: decay, gradient_penalty, learning_rate"),
-    ("no_such_key", "the fields of --config are: batch_size, checkpoint,"),
+    ("no_such_key", "the fields of --config are: batch_size, camera_selection, checkpoint,"),
 ])
 def test_unknown_field_names_the_nearest(given, suggested):
   config = test_config.get_config()
