@@ -210,6 +210,33 @@ def test_perceptual_and_fid_terms_train(tmp_path):
   assert norms["shape"] > 0 and norms["flow"] > 0, norms     # FID moves shape and texture (§3.3)
 
 
+def test_camera_levers_enter_the_step():
+  """configs/synthetic_best_camera.py's terms: winner-takes-all selection's cross-entropy and the
+  flip-consistency term are in the objective, finite, and move D_cam."""
+  config = test_config.get_config()
+  config.camera_selection = "best"
+  config.loss_weights.camera_flip = 1.0
+  config.loss_weights.camera_entropy = 0.0
+  config.loss_weights.gan = 0.0
+  config.loss_weights.variance_lookahead = 0.0
+  sphere = mesh_lib.symmetric_sphere()
+  model = components.make_model(config, sphere)
+  disc = reconstructor.Discriminator(config.model.disc_channels, config.model.disc_layers)
+  tx = disc_tx = train.optax.adam(1e-3)
+  state = train.create_state(config, model, disc, tx, disc_tx, (1, 64, 64, 3))
+  examples = synthetic.make_examples(0, "train", range(4), synthetic.RenderSettings(image_size=64))
+  batch = {k: jnp.asarray(np.stack([e[k] for e in examples]), jnp.float32) / 255 for k in ("image", "mask")}
+  batch["barrier"] = jnp.stack([components.AddBarrier().map({"mask": np.asarray(m)})["barrier"] for m in batch["mask"]])
+  _, loss_fn = train.make_train_step(config, model, disc, sphere, tx, disc_tx)
+  flip_only = lambda p: (lambda out: (out[1][0]["camera_flip"], out[1][0]))(
+      loss_fn(p, state.batch_stats, state.disc_params, batch, jax.random.key(0), None, {}))
+  (_, terms), grads = jax.jit(jax.value_and_grad(flip_only, has_aux=True))(state.params)
+  assert np.isfinite(terms["camera_flip"]) and terms["camera_flip"] >= 0
+  assert 0 < terms["camera_choice"] < 10 and np.isfinite(terms["mask"])
+  assert float(train.optax.global_norm(grads["camera"])) > 0      # the flip term moves D_cam
+  assert float(train.optax.global_norm(grads["shape"])) == 0      # and nothing it does not see
+
+
 def _one_step(config, mesh, batch):
   sphere = components.sphere_for(config)
   model = components.make_model(config, sphere)
