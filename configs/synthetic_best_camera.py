@@ -3,8 +3,8 @@ r"""The embedded default with the two camera levers that measured best together 
 Command:
   python -m jaxrecon.main --config=configs/synthetic_best_camera.py --workdir=workdir/best_camera
 
-Same data, network, length and budget as configs/synthetic.py (~11 min on 2 CPU cores from nothing,
-300 steps). D_cam learns with winner-takes-all selection (`camera_selection='best'`: the lowest-loss
+Same data, network and length as configs/synthetic.py (300 steps); the flip term adds a forward of
+D_cam on the flipped batch (its wall time alone has not been measured: the runs below shared the cores). D_cam learns with winner-takes-all selection (`camera_selection='best'`: the lowest-loss
 hypothesis takes the mask loss, the probabilities learn to predict it), with the flip-consistency
 term (`loss_weights.camera_flip`: a flipped image's hypotheses are the flipped hypotheses) and no
 entropy term. Expected result, measured on 2 shared cores, test split (BENCHMARKS.md "Reconstruction,

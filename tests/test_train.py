@@ -177,6 +177,20 @@ def test_encoder_from_resnet18(tmp_path):
 
 
 @pytest.mark.slow
+def _objective_on_four_birds(config):
+  """(initial state, a batch of 4 synthetic birds, the step's loss_fn) for `config`."""
+  sphere = mesh_lib.symmetric_sphere()
+  model = components.make_model(config, sphere)
+  disc = reconstructor.Discriminator(config.model.disc_channels, config.model.disc_layers)
+  tx = disc_tx = train.optax.adam(1e-3)
+  state = train.create_state(config, model, disc, tx, disc_tx, (1, 64, 64, 3))
+  examples = synthetic.make_examples(0, "train", range(4), synthetic.RenderSettings(image_size=64))
+  batch = {k: jnp.asarray(np.stack([e[k] for e in examples]), jnp.float32) / 255 for k in ("image", "mask")}
+  batch["barrier"] = jnp.stack([components.AddBarrier().map({"mask": np.asarray(m)})["barrier"] for m in batch["mask"]])
+  _, loss_fn = train.make_train_step(config, model, disc, sphere, tx, disc_tx)
+  return state, batch, loss_fn
+
+
 def test_perceptual_and_fid_terms_train(tmp_path):
   """With (random) converted AlexNet and Inception weights both terms enter the step, finite, and
   their gradients reach the network."""
@@ -189,15 +203,7 @@ def test_perceptual_and_fid_terms_train(tmp_path):
   config.weights.inception = _random_weights(tmp_path / "inception.npz", "fid_inception")
   frozen = train.load_frozen_networks(config)
   assert set(frozen) == {"texture_perceptual", "fid"}
-  sphere = mesh_lib.symmetric_sphere()
-  model = components.make_model(config, sphere)
-  disc = reconstructor.Discriminator(config.model.disc_channels, config.model.disc_layers)
-  tx = disc_tx = train.optax.adam(1e-3)
-  state = train.create_state(config, model, disc, tx, disc_tx, (1, 64, 64, 3))
-  examples = synthetic.make_examples(0, "train", range(4), synthetic.RenderSettings(image_size=64))
-  batch = {k: jnp.asarray(np.stack([e[k] for e in examples]), jnp.float32) / 255 for k in ("image", "mask")}
-  batch["barrier"] = jnp.stack([components.AddBarrier().map({"mask": np.asarray(m)})["barrier"] for m in batch["mask"]])
-  _, loss_fn = train.make_train_step(config, model, disc, sphere, tx, disc_tx)
+  state, batch, loss_fn = _objective_on_four_birds(config)
   # One compiled function for the terms and the FID term's gradient (compiling Inception's backward
   # dominates this test).
   fid_and_terms = lambda p: (lambda out: (out[1][0]["fid"], out[1][0]))(
@@ -219,15 +225,7 @@ def test_camera_levers_enter_the_step():
   config.loss_weights.camera_entropy = 0.0
   config.loss_weights.gan = 0.0
   config.loss_weights.variance_lookahead = 0.0
-  sphere = mesh_lib.symmetric_sphere()
-  model = components.make_model(config, sphere)
-  disc = reconstructor.Discriminator(config.model.disc_channels, config.model.disc_layers)
-  tx = disc_tx = train.optax.adam(1e-3)
-  state = train.create_state(config, model, disc, tx, disc_tx, (1, 64, 64, 3))
-  examples = synthetic.make_examples(0, "train", range(4), synthetic.RenderSettings(image_size=64))
-  batch = {k: jnp.asarray(np.stack([e[k] for e in examples]), jnp.float32) / 255 for k in ("image", "mask")}
-  batch["barrier"] = jnp.stack([components.AddBarrier().map({"mask": np.asarray(m)})["barrier"] for m in batch["mask"]])
-  _, loss_fn = train.make_train_step(config, model, disc, sphere, tx, disc_tx)
+  state, batch, loss_fn = _objective_on_four_birds(config)
   flip_only = lambda p: (lambda out: (out[1][0]["camera_flip"], out[1][0]))(
       loss_fn(p, state.batch_stats, state.disc_params, batch, jax.random.key(0), None, {}))
   (_, terms), grads = jax.jit(jax.value_and_grad(flip_only, has_aux=True))(state.params)
