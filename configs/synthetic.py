@@ -101,6 +101,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss_weights.laplacian = 0.15
   config.loss_weights.flatten = 0.0005
   config.loss_weights.deform = 0.05     # UMR: 1.0 around a learned template; here the sphere is the template
+  # What the deformation term measures offsets from: 'template' (UMR's deform_l2reg: the offsets from
+  # V_temp) or 'batch_mean' (CMR's split of a free mean shape and a regularised instance deviation:
+  # each instance's offsets minus the batch's mean offsets; the mean shape is held by smoothness alone).
+  config.deform_reference = "template"
   config.loss_weights.camera_entropy = 0.05
   # D_cam's equivariance under horizontal flips (losses.flip_consistency_loss; not in UMR).
   config.loss_weights.camera_flip = 0.0

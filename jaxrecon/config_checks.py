@@ -32,6 +32,7 @@ CHOICES = {
     "data.dataset": ("synthetic", "cub"),                          # components.make_data
     "model.camera_init": ("identity", "azimuths"),                 # components
     "camera_selection": ("expected", "best"),                      # train.make_train_step
+    "deform_reference": ("template", "batch_mean"),                # train.make_train_step
     "variance.mode": ("adaptive", "paper", "none"),                # ops.variance.MODES
     "variance.combine": ("replace", "add"),                        # ops.variance.COMBINES
     "template.labelling": ("vertex_projection", "uv_flow"),        # templating

@@ -274,6 +274,8 @@ def make_train_step(config, model, discriminator, sphere, tx, disc_tx, batch_axi
     terms["laplacian"] = losses.laplacian_loss(pred.vertices, laplacian)
     terms["flatten"] = losses.flatten_loss(pred.vertices, edge_quads)
     offsets = pred.half_offsets if template_offset is None else pred.half_offsets - template_offset
+    if config.deform_reference == "batch_mean":   # CMR: only the instance's deviation is regularised
+      offsets = offsets - jnp.mean(global_batch(offsets), axis=0)
     terms["deform"] = losses.deformation_loss(offsets)
     if w.get("symmetry_plane", 0) > 0:
       terms["symmetry_plane"] = losses.symmetry_plane_loss(pred.vertices, sphere.num_center)

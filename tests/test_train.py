@@ -218,19 +218,23 @@ def test_perceptual_and_fid_terms_train(tmp_path):
 
 def test_camera_levers_enter_the_step():
   """configs/synthetic_best_camera.py's terms: winner-takes-all selection's cross-entropy and the
-  flip-consistency term are in the objective, finite, and move D_cam."""
+  flip-consistency term are in the objective, finite, and move D_cam. With
+  deform_reference='batch_mean' a batch of one bird repeated has no instance deviation to pay for."""
   config = test_config.get_config()
+  config.deform_reference = "batch_mean"
   config.camera_selection = "best"
   config.loss_weights.camera_flip = 1.0
   config.loss_weights.camera_entropy = 0.0
   config.loss_weights.gan = 0.0
   config.loss_weights.variance_lookahead = 0.0
   state, batch, loss_fn = _objective_on_four_birds(config)
+  batch = {k: jnp.broadcast_to(v[:1], v.shape) for k, v in batch.items()}
   flip_only = lambda p: (lambda out: (out[1][0]["camera_flip"], out[1][0]))(
       loss_fn(p, state.batch_stats, state.disc_params, batch, jax.random.key(0), None, {}))
   (_, terms), grads = jax.jit(jax.value_and_grad(flip_only, has_aux=True))(state.params)
   assert np.isfinite(terms["camera_flip"]) and terms["camera_flip"] >= 0
   assert 0 < terms["camera_choice"] < 10 and np.isfinite(terms["mask"])
+  assert terms["deform"] < 1e-5, terms["deform"]    # sqrt(0 + 1e-12) per vertex
   assert float(train.optax.global_norm(grads["camera"])) > 0      # the flip term moves D_cam
   assert float(train.optax.global_norm(grads["shape"])) == 0      # and nothing it does not see
 
@@ -257,6 +261,7 @@ def test_ordered_reduction_is_the_same_step():
   # The lookahead is per sample (nothing to sum across devices) and doubles the compile time; the
   # two-process test runs it in ordered mode.
   config.loss_weights.variance_lookahead = 0.0
+  config.deform_reference = "batch_mean"     # its batch mean must be the global one in ordered mode
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
   examples = synthetic.make_examples(0, "train", range(8), synthetic.RenderSettings(image_size=64))
   batch = {k: np.stack([e[k] for e in examples]).astype(np.float32) / 255 for k in ("image", "mask")}
