@@ -29,6 +29,7 @@ import jax
 from ml_collections import config_flags
 
 from jaxrecon import cli, evaluation
+from jaxrecon import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 
@@ -57,10 +58,6 @@ def define_flags():
                       "Persistent XLA compilation cache; '' = off.")
 
 
-def output_dir(workdir: str, split: str, protocol: str) -> str:
-  return os.path.join(workdir, f"eval_{split}" + ("" if protocol == "default" else f"_{protocol}"))
-
-
 def run(workdir: str, split: str = "test", protocol: str = "default", *, config=None, seed: int = 0,
         inception: str | None = None, kp_pairs: int | None = None, data_dir: str | None = None,
         out: str | None = None, max_batches: int | None = 0, fid_features=None,
@@ -85,13 +82,13 @@ def run(workdir: str, split: str = "test", protocol: str = "default", *, config=
   sphere, model, state = evaluation.restore_model(workdir, config)
   logging.info("Evaluating %s step %d on %s/%s (%s protocol)", workdir, state.step, config.data.dataset, split,
                protocol)
-  out = out or output_dir(workdir, split, protocol)
+  out = out or workdir_lib.eval_dir(workdir, split, protocol)
   predictions_path = os.path.join(out, evaluation.PREDICTIONS_FILE) if save_predictions else None
   results = evaluation.evaluate(config, model, sphere, state, split=split, protocol=protocol, seed=seed,
                                 kp_pairs=kp_pairs, fid_features=fid_features, predictions_path=predictions_path)
   report = evaluation.make_report(results, config, split, protocol, seed,
                                   workdir=os.path.abspath(workdir),
-                                  checkpoint=os.path.join(os.path.abspath(workdir), "checkpoints", str(state.step)))
+                                  checkpoint=os.path.join(workdir_lib.checkpoints_dir(workdir), str(state.step)))
   json_path, md_path = evaluation.write_report(report, out)
   print(evaluation.markdown_table(report))
   print(f"Wrote {json_path} and {md_path}")

@@ -37,6 +37,7 @@ import numpy as np
 from absl import logging
 
 from jaxrecon import components, losses, ops
+from jaxrecon import workdir as workdir_lib
 from jaxrecon.geometry import camera as camera_lib
 from jaxrecon.metrics import fid as fid_lib
 from jaxrecon.metrics import image as image_metrics
@@ -571,7 +572,8 @@ def markdown_table(report: dict) -> str:
 def write_report(report: dict, out_dir: str) -> tuple[str, str]:
   """Write metrics.json and metrics.md into out_dir; returns their paths."""
   os.makedirs(out_dir, exist_ok=True)
-  json_path, md_path = os.path.join(out_dir, "metrics.json"), os.path.join(out_dir, "metrics.md")
+  json_path = os.path.join(out_dir, workdir_lib.METRICS_FILE)
+  md_path = os.path.join(out_dir, workdir_lib.METRICS_MD_FILE)
   with open(json_path, "w") as f:
     json.dump(report, f, indent=1)
   with open(md_path, "w") as f:
@@ -586,8 +588,7 @@ def write_report(report: dict, out_dir: str) -> tuple[str, str]:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run wrote to <workdir>/config.json (lists where the original had tuples)."""
-  from jaxrecon import train  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, train.CONFIG_FILE)
+  path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: --workdir={workdir} is not a jaxrecon training directory "
                             "(python -m jaxrecon.main writes config.json there); pass --config=configs/... "
@@ -599,37 +600,24 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def restore_model(workdir: str, config):
   """The network of `config` and the latest checkpoint's parameters in <workdir>/checkpoints.
 
-  Only params, batch_stats and step are read (the checkpoint is restored without the optimiser's
-  structure, so evaluation does not depend on how training was set up).
+  Only params, batch_stats and step are read (`workdir.restore_variables`: the checkpoint is
+  restored without the optimiser's structure, so evaluation does not depend on how training was
+  set up).
 
   Returns:
     (sphere, model, state) with state.params, state.batch_stats, state.step.
   Raises:
     FileNotFoundError: no checkpoint in the workdir (the message names it).
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  from jaxrecon import train  # pylint: disable=g-import-not-at-top
   from jaxrecon.geometry import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"no checkpoints in --workdir={workdir} ({ckpt_dir} does not exist): train first "
-                            "with python -m jaxrecon.main --config=... --workdir=" + workdir)
-  manager = train.checkpoint_manager(workdir)
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoints in --workdir={workdir} ({ckpt_dir} is empty): train first")
+  manager, step = workdir_lib.latest_checkpoint(workdir)
   sphere = mesh_lib.symmetric_sphere(config.mesh.subdivisions)
   model = components.make_model(config, sphere)
   s = config.data.image_size
   like = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, s, s, 3)), train=False))
-  abstract = {"params": like["params"], "batch_stats": like["batch_stats"],
-              "step": jax.ShapeDtypeStruct((), jnp.int32)}
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(abstract, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(
-          sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), abstract), partial_restore=True)))["state"]
-  state = types.SimpleNamespace(params=restored["params"], batch_stats=restored["batch_stats"],
-                                step=int(restored["step"]))
+  variables, step = workdir_lib.restore_variables(
+      manager, step, {"params": like["params"], "batch_stats": like["batch_stats"]})
+  state = types.SimpleNamespace(params=variables["params"], batch_stats=variables["batch_stats"], step=step)
   return sphere, model, state
 
 
@@ -686,6 +674,7 @@ def log_images(visualise, state, local_batch, writer, workdir, step, count):
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
   grid = visualise(params, batch_stats, jnp.asarray(local_batch["image"][:n]), jnp.asarray(local_batch["mask"][:n]))
   writer.add_image("train/reconstructions", grid, step, dataformats="HWC")
-  os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
+  path = workdir_lib.image_path(workdir, step)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  Image.fromarray(np.round(grid * 255).astype(np.uint8)).save(os.path.join(workdir, "images", f"step_{step:06d}.png"))
+  Image.fromarray(np.round(grid * 255).astype(np.uint8)).save(path)

@@ -19,6 +19,7 @@ from jaxrecon import cli
 from jaxrecon import config_checks
 from jaxrecon import distributed
 from jaxrecon import train
+from jaxrecon import workdir as workdir_lib
 from jaxrecon import workdir_lock
 
 FLAGS = flags.FLAGS
@@ -57,7 +58,7 @@ def main(argv):
     if FLAGS.config.get("job", "train") == "train":    # (a pipeline's stages check their own)
       config_checks.check_devices(FLAGS.config.batch_size, jax.device_count(), jax.process_count())
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)   # returns after a SIGTERM too: exit status 0
-  except (config_checks.ConfigError, workdir_lock.WorkdirBusyError, train.UnreadableCheckpointError,
+  except (config_checks.ConfigError, workdir_lock.WorkdirBusyError, workdir_lib.UnreadableCheckpointError,
           FileNotFoundError) as e:
     cli.usage_error(str(e))
 

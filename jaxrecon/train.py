@@ -39,7 +39,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -57,6 +56,7 @@ from absl import logging
 
 from jaxrecon import components, config_checks, distributed, evaluation, losses, ops, templating, workdir_lock
 from jaxrecon import template as template_lib
+from jaxrecon import workdir as workdir_lib
 from jaxrecon.data import pipeline
 from jaxrecon.geometry import camera
 from jaxrecon.metrics import fid
@@ -469,71 +469,6 @@ def create_state(config, model, discriminator, tx, disc_tx, image_shape) -> Trai
                     template_offset=jnp.zeros_like(model.template_half, jnp.float32))
 
 
-CONFIG_FILE = "config.json"
-
-
-def checkpoint_manager(workdir: str, max_to_keep: int | None = None) -> ocp.CheckpointManager:
-  """The Orbax manager of <workdir>/checkpoints (each step: the train state + JSON extras)."""
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
-
-
-UNREADABLE_DIR = "checkpoints_unreadable"
-
-
-class UnreadableCheckpointError(RuntimeError):
-  """No checkpoint of a workdir that has some can be restored."""
-
-
-def restore_latest(manager: ocp.CheckpointManager, like: TrainState):
-  """(state, extras) of the latest checkpoint that restores, with `like`'s structure, shapes and
-  dtypes; None if the manager holds none.
-
-  A checkpoint that fails to restore (a truncated or missing file) is skipped with a warning naming
-  its step; once an earlier one restores, the bad ones are moved to <workdir>/checkpoints_unreadable/
-  (kept for inspection; their steps are then saved afresh). If none restores it raises
-  `UnreadableCheckpointError`: never a silent restart from step 0.
-  """
-  steps = sorted(manager.all_steps(), reverse=True)
-  if not steps:
-    return None
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  directory = str(manager.directory)
-  bad = []
-  for step in steps:
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), extra=ocp.args.JsonRestore()))
-    except Exception as e:  # pylint: disable=broad-except  (Orbax and TensorStore raise plain Exception)
-      reason = " ".join(str(e).split())[:200]
-      logging.warning("The checkpoint of step %d in %s cannot be restored (%s: %s)%s", step, directory,
-                      type(e).__name__, reason, "; trying the previous one" if step != steps[-1] else "")
-      bad.append(step)
-      continue
-    if bad:
-      _set_aside(manager, bad)
-      logging.warning("Resuming from step %d, not %d: the unreadable checkpoint(s) %s moved to %s", step, bad[0],
-                      bad, os.path.join(os.path.dirname(directory), UNREADABLE_DIR))
-    return restored["state"], restored["extra"]
-  raise UnreadableCheckpointError(
-      f"no checkpoint in {directory} can be restored (steps {', '.join(map(str, bad))}; warnings above): move that "
-      "folder away to train from step 0, or check that the config matches the one that wrote it")
-
-
-def _set_aside(manager: ocp.CheckpointManager, steps) -> None:
-  """Move unreadable step folders out of the manager's directory (process 0; every process waits)."""
-  directory = str(manager.directory)
-  aside = os.path.join(os.path.dirname(directory), UNREADABLE_DIR)
-  if jax.process_index() == 0:
-    os.makedirs(aside, exist_ok=True)
-    for step in steps:
-      target = os.path.join(aside, f"{step}.{int(time.time())}")
-      shutil.move(os.path.join(directory, str(step)), target)
-  distributed.barrier("unreadable checkpoints set aside")
-  manager.reload()
-
-
 class _PreemptionNotice:
   """Whether the run was asked to stop (SIGTERM, as TPU VMs, Slurm and Kubernetes send before
   preemption). One process: our handler records it and the loop stops after the step. Several
@@ -593,9 +528,9 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stage1, stage2 = config.stage1.copy_and_resolve_references(), config.stage2.copy_and_resolve_references()
   if config.get("data_dir"):
     stage1.data.data_dir = stage2.data.data_dir = config.data_dir
-  directory = os.path.join(workdir, "template")
+  directory = os.path.join(workdir, workdir_lib.TEMPLATE_DIR)
   stage1.template.output_dir = directory
-  stage1_dir = os.path.join(workdir, "stage1")
+  stage1_dir = os.path.join(workdir, workdir_lib.STAGE1_DIR)
   stage1_history = []
   if template_lib.exists(directory):
     logging.info("Stage 1 is done (%s exists): going on with stage 2", directory)
@@ -606,25 +541,25 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return trained
     stage1_history = trained["train_history"]
   stage1_results = {}
-  if os.path.exists(os.path.join(stage1_dir, "metrics.json")):
-    with open(os.path.join(stage1_dir, "metrics.json")) as f:
+  if os.path.exists(os.path.join(stage1_dir, workdir_lib.METRICS_FILE)):
+    with open(os.path.join(stage1_dir, workdir_lib.METRICS_FILE)) as f:
       stage1_results = {f"stage1/{k}": v for k, v in json.load(f).items()}
   stage2.model.template_dir = directory
   logging.info("Stage 2: the full model on the template in %s", directory)
-  results = train_and_evaluate(stage2, os.path.join(workdir, "stage2"))
+  results = train_and_evaluate(stage2, os.path.join(workdir, workdir_lib.STAGE2_DIR))
   if results.get("preempted"):
     return results
   results.update(stage1_results)
   results["stage1/train_history"] = stage1_history    # the steps stage 1 ran in this call
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    with open(os.path.join(workdir, workdir_lib.METRICS_FILE), "w") as f:
       json.dump({k: v for k, v in results.items() if not k.endswith("train_history")}, f, indent=1)
   return results
 
 
 def template_dir(config, workdir: str) -> str:
   """Where stage 1 writes its template folder: `config.template.output_dir`, or <workdir>/template."""
-  return config.template.get("output_dir") or os.path.join(workdir, "template")
+  return config.template.get("output_dir") or os.path.join(workdir, workdir_lib.TEMPLATE_DIR)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -650,7 +585,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preemption: "_PreemptionNotice") -> dict:
   if jax.process_index() == 0:   # what evaluate/predict rebuild the model from
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    with open(os.path.join(workdir, workdir_lib.CONFIG_FILE), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
   sphere = components.sphere_for(config)
   model = components.make_model(config, sphere)
@@ -676,8 +611,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
   data_iter = iter(components.make_data(config, "train", shuffle=True, preprocess=[components.AddBarrier()]))
 
   distributed.barrier("checkpoint manager")   # Orbax syncs the processes through gloo (30 s patience)
-  manager = checkpoint_manager(workdir, config.checkpoint.max_to_keep)
-  restored = restore_latest(manager, state)
+  manager = workdir_lib.checkpoint_manager(workdir, config.checkpoint.max_to_keep)
+  restored = workdir_lib.restore_latest(manager, state)
   if restored is not None:
     state = distributed.replicate(restored[0], replicated)
     # One data iterator state per process (each reads its own shard of the records).
@@ -694,7 +629,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
   start_step = int(state.step)
   # purge_step: TensorBoard hides what an earlier (killed) writer logged after our checkpoint, so
   # the steps this run logs again have one value each.
-  writer = (SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+  writer = (SummaryWriter(os.path.join(workdir, workdir_lib.TENSORBOARD_DIR), purge_step=start_step + 1)
             if jax.process_index() == 0 else None)
   images_every = config.get("log_images_every", 0)
   visualise = evaluation.make_visualise(config, model, sphere) if images_every and writer is not None else None
@@ -792,7 +727,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     results.update(split_results)
   results["train_history"] = history
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    with open(os.path.join(workdir, workdir_lib.METRICS_FILE), "w") as f:
       json.dump({k: v for k, v in results.items() if k != "train_history"}, f, indent=1)
   if writer is not None:
     writer.close()

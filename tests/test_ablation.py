@@ -12,7 +12,6 @@ from PIL import Image
 import pytest
 
 from configs import synthetic as synthetic_config
-from tests import test_evaluate
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
 _SPEC = importlib.util.spec_from_file_location("ablation", _PATH)
@@ -99,11 +98,11 @@ def test_finished_run_is_reused_not_repeated(tmp_path):
     ablation.run_one("configs/no_such_config.py", str(tmp_path / "new"), {}, 0, 7, None, "", calls.append)
 
 
-def test_main_writes_table_json_and_figure(tmp_path, tmp_path_factory, monkeypatch):
+def test_main_writes_table_json_and_figure(tmp_path, checkpointed_workdir, monkeypatch):
   # The runs themselves are the training and evaluation CLIs (tested in test_train / test_evaluate);
   # here each "run" is a checkpointed workdir of configs/test.py with a report that depends on the
   # variant and seed, so the table's numbers are known.
-  workdir, data_dir = test_evaluate.checkpointed_workdir(tmp_path_factory)
+  workdir, data_dir = checkpointed_workdir
   root = tmp_path / "runs"
   values = {"umr": 0.5, "variance_adaptive": 0.6}
 

@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from jaxrecon import evaluation
-from tests.test_evaluate import checkpointed_workdir
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "ceiling.py"
 _SPEC = importlib.util.spec_from_file_location("ceiling", _PATH)
@@ -17,8 +16,8 @@ _SPEC.loader.exec_module(ceiling)
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory):
-  workdir, _ = checkpointed_workdir(tmp_path_factory)
+def rows(checkpointed_workdir):
+  workdir, _ = checkpointed_workdir
   config = evaluation.load_config(workdir)
   return ceiling.oracle_rows(config, "test", workdir, kp_pairs=16)
 

@@ -299,6 +299,7 @@ def _compare_checkpoints(config, other_workdir, workdir):
   import numpy as np
   import optax
   from jaxrecon import components, train
+  from jaxrecon import workdir as workdir_lib
   from jaxrecon.models import reconstructor
   deadline = time.time() + WORKER_TIMEOUT_S
   while not (pathlib.Path(other_workdir) / "metrics.json").exists():     # written after the last save
@@ -312,8 +313,8 @@ def _compare_checkpoints(config, other_workdir, workdir):
   disc_tx = optax.adam(train.learning_rate(config), b1=0.5, b2=0.999)
   s = config.data.image_size
   like = train.create_state(config, model, disc, tx, disc_tx, (1, s, s, 3))
-  theirs, extra = train.restore_latest(train.checkpoint_manager(other_workdir), like)
-  mine, _ = train.restore_latest(train.checkpoint_manager(workdir), like)
+  theirs, extra = workdir_lib.restore_latest(workdir_lib.checkpoint_manager(other_workdir), like)
+  mine, _ = workdir_lib.restore_latest(workdir_lib.checkpoint_manager(workdir), like)
   diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))),
                        (theirs.params, theirs.batch_stats), (mine.params, mine.batch_stats))
   return {"restored_step": int(extra["step"]), "max_param_diff": max(jax.tree.leaves(diffs))}

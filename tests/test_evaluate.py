@@ -1,5 +1,5 @@
 """`python -m jaxrecon.evaluate` on a workdir of configs/test.py: the report, both protocols, FID and
-PCK paths, and the errors. `checkpointed_workdir` is shared with test_predict.py and test_notebook.py."""
+PCK paths, and the errors (the workdir: conftest.py's `checkpointed_workdir`)."""
 
 import json
 import os
@@ -9,82 +9,18 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import test as test_config
-from jaxrecon import components, evaluate, evaluation, train
-from jaxrecon.data import builders
+from jaxrecon import components, evaluate, evaluation
 from jaxrecon.geometry import mesh as mesh_lib
-from jaxrecon.models import reconstructor
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CACHE = {}
-
-
-def _small_random_variables(init, rng):
-  """Variables with the shapes `init` would make, filled in numpy (no compilation): kernels
-  N(0, 0.02) (UMR's net_init), BatchNorm scale/var 1, biases/means 0."""
-  shapes = jax.eval_shape(init)
-
-  def fill(path, leaf):
-    name = getattr(path[-1], "key", "")
-    if name in ("scale", "var"):
-      return jnp.ones(leaf.shape, leaf.dtype)
-    if name in ("bias", "mean"):
-      return jnp.zeros(leaf.shape, leaf.dtype)
-    return jnp.asarray(rng.normal(0.0, 0.02, leaf.shape), leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-class _NumpyInit:
-  """A module whose `init` returns `_small_random_variables` (for `train.create_state`)."""
-
-  def __init__(self, module, rng):
-    self.module, self.rng = module, rng
-
-  def init(self, *args, **kwargs):
-    return _small_random_variables(lambda: self.module.init(*args, **kwargs), self.rng)
-
-  def __getattr__(self, name):
-    return getattr(self.module, name)
-
-
-def checkpointed_workdir(tmp_path_factory):
-  """A workdir as `train.train_and_evaluate` leaves it for configs/test.py (config.json and a step-1
-  Orbax checkpoint of `train.create_state`'s state, via `train.checkpoint_manager`), made once per
-  process, plus the generated tiny dataset. The parameters are a small random initialisation filled
-  in numpy: compiling the network's init or train step would cost a minute or more on 2 cores, and
-  training is test_train.py's subject. Returns (workdir, data_dir)."""
-  if "workdir" not in _CACHE:
-    data_dir = str(tmp_path_factory.mktemp("tfds_eval"))
-    workdir = str(tmp_path_factory.mktemp("eval_workdir"))
-    config = test_config.get_config()
-    config.data.data_dir = data_dir
-    builders.prepare(builders.make_builder("tiny", data_dir=data_dir))
-    with open(os.path.join(workdir, train.CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
-    sphere = mesh_lib.symmetric_sphere(config.mesh.subdivisions)
-    model = components.make_model(config, sphere)
-    discriminator = reconstructor.Discriminator(config.model.disc_channels, config.model.disc_layers)
-    rng = np.random.default_rng(0)
-    tx = optax.adam(train.learning_rate(config))
-    s = config.data.image_size
-    state = train.create_state(config, _NumpyInit(model, rng), _NumpyInit(discriminator, rng), tx, tx, (1, s, s, 3))
-    state = state.replace(step=jnp.ones((), jnp.int32))
-    manager = train.checkpoint_manager(workdir)
-    manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            extra=ocp.args.JsonSave({"step": 1})))
-    manager.wait_until_finished()
-    _CACHE["workdir"] = (workdir, data_dir)
-  return _CACHE["workdir"]
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  return checkpointed_workdir(tmp_path_factory)[0]
+def workdir(checkpointed_workdir):
+  return checkpointed_workdir[0]
 
 
 def _cheap_features(images):
@@ -296,14 +232,14 @@ def test_cli_reports_a_missing_workdir(tmp_path):
   assert result.returncode != 0 and f"--workdir={tmp_path}/none does not exist" in result.stderr
 
 
-def test_novel_view_protocol_on_ground_truth(tmp_path_factory):
+def test_novel_view_protocol_on_ground_truth(checkpointed_workdir):
   # The true shape with its flat per-face colours, rendered through `relative_novel_camera` from
   # the true input camera, matches the stored held-out views as well as it matches the input view
   # (the gap is flat colours vs textures, no supersampling); a 0.1 error in the predicted
   # translation, which moves the render, is penalised.
   from jaxrecon.metrics import image
   config = test_config.get_config()
-  config.data.data_dir = checkpointed_workdir(tmp_path_factory)[1]
+  config.data.data_dir = checkpointed_workdir[1]
   batch = next(iter(components.make_data(config, "test", shuffle=False, num_epochs=1, drop_remainder=False)))
   sphere = mesh_lib.symmetric_sphere(3)
   screen_faces = components.make_screen_faces(config, sphere.faces)

@@ -4,8 +4,6 @@ import os
 
 import pytest
 
-from tests.test_evaluate import checkpointed_workdir
-
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
@@ -13,8 +11,8 @@ _NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_runs(tmp_path, tmp_path_factory, monkeypatch):
-  data_dir = checkpointed_workdir(tmp_path_factory)[1]        # the tiny dataset, already generated
+def test_quickstart_notebook_runs(tmp_path, checkpointed_workdir, monkeypatch):
+  data_dir = checkpointed_workdir[1]        # the tiny dataset, already generated
   workdir = str(tmp_path / "quickstart")
   monkeypatch.setenv("JAXRECON_NOTEBOOK_TINY", "1")
   monkeypatch.setenv("JAXRECON_NOTEBOOK_WORKDIR", workdir)

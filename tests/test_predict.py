@@ -13,15 +13,14 @@ from PIL import Image
 
 from jaxrecon import export, ops, predict
 from jaxrecon.geometry import mesh as mesh_lib
-from tests.test_evaluate import checkpointed_workdir
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _COLOUR = (200, 40, 90)
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  return checkpointed_workdir(tmp_path_factory)[0]
+def workdir(checkpointed_workdir):
+  return checkpointed_workdir[0]
 
 
 @pytest.fixture(scope="module")

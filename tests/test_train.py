@@ -289,38 +289,3 @@ def test_reduction_setting_is_checked():
     train.make_train_step(config, model, disc, sphere, None, None, batch_axis="data")
 
 
-def _truncate_largest_file(directory):
-  files = [os.path.join(root, f) for root, _, names in os.walk(directory) for f in names]
-  largest = max(files, key=os.path.getsize)
-  with open(largest, "r+b") as f:
-    f.truncate(os.path.getsize(largest) // 2)
-
-
-# Orbax leaves the failed reads' coroutines un-awaited ("Exception ignored in ..."): expected here.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_unreadable_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
-  """A truncated file in the latest checkpoint: the previous one is restored with a warning naming
-  the bad step, which is set aside so that step can be saved again; none readable is an error."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  tree = lambda step: {"a": jnp.arange(5000.0) * step, "b": jnp.full(3, float(step))}
-  save = lambda manager, step: manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(tree(step)), extra=ocp.args.JsonSave({"step": step})))
-  manager = train.checkpoint_manager(str(tmp_path), max_to_keep=3)
-  for step in (2, 4):
-    save(manager, step)
-  manager.wait_until_finished()
-  _truncate_largest_file(tmp_path / "checkpoints" / "4" / "state")
-  manager = train.checkpoint_manager(str(tmp_path), max_to_keep=3)
-  with caplog.at_level("WARNING"):
-    state, extra = train.restore_latest(manager, tree(0))
-  assert extra["step"] == 2
-  np.testing.assert_array_equal(state["a"], tree(2)["a"])
-  assert "The checkpoint of step 4 in" in caplog.text and "Resuming from step 2, not 4" in caplog.text
-  assert manager.all_steps() == [2]
-  assert [name.split(".")[0] for name in os.listdir(tmp_path / train.UNREADABLE_DIR)] == ["4"]
-  save(manager, 4)                     # the set-aside step is saved afresh
-  manager.wait_until_finished()
-  for step in (2, 4):
-    _truncate_largest_file(tmp_path / "checkpoints" / str(step) / "state")
-  with pytest.raises(train.UnreadableCheckpointError, match=r"no checkpoint in .*checkpoints can be restored \(steps 4, 2"):
-    train.restore_latest(train.checkpoint_manager(str(tmp_path)), tree(0))
