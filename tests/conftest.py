@@ -101,3 +101,45 @@ def checkpointed_workdir(tmp_path_factory):
                                           extra=ocp.args.JsonSave({"step": 1})))
   manager.wait_until_finished()
   return workdir, data_dir
+
+
+@pytest.fixture
+def cub_tree(tmp_path):
+  """A tiny CUB tree of 3 birds: 60x80 images with a white-edged red box 'bird', CMR .mat files,
+  SCOPS maps. (cub_dir, cache_dir, scops_dir); shared by test_cub and test_configs."""
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  import scipy.io
+  from PIL import Image
+
+  from jaxrecon.data import cub
+  # pylint: enable=g-import-not-at-top
+  root, n, (H, W) = tmp_path, 3, (60, 80)  # pylint: disable=invalid-name
+  cub_dir, cache_dir, scops_dir = root / "CUB_200_2011", root / "cache", root / "scops"
+  (cub_dir / "images" / "001.Bird").mkdir(parents=True)
+  (cache_dir / "data").mkdir(parents=True)
+  records = np.zeros((n,), dtype=[("rel_path", "O"), ("mask", "O"), ("bbox", "O"), ("parts", "O")])
+  for i in range(n):
+    x1, y1, x2, y2 = 10 + 5 * i, 12, 50 + 5 * i, 40          # 0-indexed, inclusive
+    image = np.zeros((H, W, 3), np.uint8)
+    image[..., 1] = 90
+    image[y1:y2 + 1, x1:x2 + 1] = (220, 30, 30)
+    rel = f"001.Bird/bird_{i}.png"  # PNG: lossless, so pixel checks are exact
+    Image.fromarray(image).save(cub_dir / "images" / rel)
+    mask = np.zeros((H, W), np.uint8)
+    mask[y1:y2 + 1, x1:x2 + 1] = 1
+    bbox = np.zeros((1,), dtype=[("x1", "O"), ("y1", "O"), ("x2", "O"), ("y2", "O")])
+    bbox[0] = (x1 + 1, y1 + 1, x2 + 1, y2 + 1)               # CMR stores 1-indexed
+    parts = np.zeros((3, 15))
+    parts[:, 1] = (x2 + 1, (y1 + y2) / 2 + 1, 1)              # Beak at the right edge
+    parts[:, 6] = (x2 - 5 + 1, y1 + 3 + 1, 1)                 # LEye
+    parts[:, 10] = (0, 0, 0)                                  # REye invisible
+    records[i] = (rel, mask, bbox, parts)
+    stem_dir = scops_dir / "001.Bird"
+    stem_dir.mkdir(parents=True, exist_ok=True)
+    ref = cub.square_bbox(cub.perturb_bbox(np.array([x1, y1, x2, y2], float), 0.05, 0.0, None))
+    crop_mask = cub.resize_bilinear(cub.crop(mask[..., None].astype(np.float32), ref, 0.0), 256, 256)[..., 0]
+    probs = np.stack([1 - crop_mask, crop_mask, 0 * crop_mask, 0 * crop_mask, 0 * crop_mask], -1)
+    np.save(stem_dir / f"bird_{i}_{i}.npy", probs.astype(np.float32))
+  scipy.io.savemat(cache_dir / "data" / "train_cub_cleaned.mat", {"images": records})
+  return str(cub_dir), str(cache_dir), str(scops_dir)

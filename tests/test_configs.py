@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from jaxrecon import components
-from tests import test_cub
 
 CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))
                  if f.endswith(".py") and not f.startswith("_"))
@@ -25,9 +24,9 @@ def test_config_loads_and_states_its_command(name):
     assert stage.batch_size > 0 and stage.data.image_size >= 64
 
 
-def test_cub_config_trains_from_cub_files(tmp_path):
+def test_cub_config_trains_from_cub_files(cub_tree):
   from configs import cub as cub_config  # pylint: disable=g-import-not-at-top
-  cub_dir, cache_dir, scops_dir = test_cub._fake_cub(tmp_path, n=3)
+  cub_dir, cache_dir, scops_dir = cub_tree
   config = cub_config.get_config()
   config.batch_size = 2
   config.data.image_size = 64
