@@ -274,16 +274,9 @@ def sample_camera(rng: np.random.Generator) -> tuple[np.ndarray, float, float]:
   return camera_from_angles(azimuth, elevation, scale, translation), float(azimuth), elevation
 
 
-def keypoints_3d(bird: BirdShape, vertices: np.ndarray) -> np.ndarray:
-  """The 15 CUB keypoints on the bird's surface, in KEYPOINT_NAMES order: (15, 3).
-
-  Each is the mesh vertex nearest to an anatomical target point, so it lies on the surface.
-  """
-  return vertices[_keypoint_vertices(bird, vertices)]
-
-
 def _keypoint_vertices(bird: BirdShape, vertices: np.ndarray) -> np.ndarray:
-  """Indices (15,) of the vertices `keypoints_3d` picks."""
+  """Indices (15,) of the vertices that are the 15 CUB keypoints on the bird's surface, in
+  KEYPOINT_NAMES order: each is the mesh vertex nearest to an anatomical target point."""
   b, h, beak, tail = bird.centres[BODY], bird.centres[HEAD], bird.centres[BEAK], bird.centres[TAIL]
   rb, rh = bird.radii[BODY], bird.radii[HEAD, 0]
   beak_tip = beak + _pitch_matrix(bird.pitch[BEAK]) @ np.array([bird.radii[BEAK, 0], 0.0, 0.0])
