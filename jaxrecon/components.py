@@ -27,7 +27,7 @@ def initial_camera_quaternions(config) -> tuple | None:
   """D_cam's starting rotations: `config.model.camera_init` = 'identity' (UMR: every hypothesis at
   the identity, a view from above in the house frame) or 'azimuths' (H side views evenly spaced in
   azimuth about the up axis: the hypotheses start apart and in the views CUB-like photos have)."""
-  init, h = config.model.get("camera_init", "identity"), config.model.num_hypotheses
+  init, h = config.model.camera_init, config.model.num_hypotheses
   if init == "identity":
     return None
   if init == "azimuths":
@@ -85,7 +85,7 @@ def make_rasterizer(config, for_evaluation: bool = False):
   if for_evaluation and config.get("eval") is not None and config.eval.get("sigma") is not None:
     sigma = config.eval.sigma
   return functools.partial(render.soft_rasterize, image_size=config.data.image_size, sigma=sigma,
-                           gamma=r.gamma, dist_eps=r.get("dist_eps", 1e-4))
+                           gamma=r.gamma, dist_eps=r.dist_eps)
 
 
 def make_uv_sampler(config, sphere: mesh_lib.SymmetricMesh):
@@ -162,8 +162,8 @@ def make_data(config, split: str, shuffle: bool, num_epochs=None, preprocess=(),
     if not d.get("cub_dir") or not d.get("cub_cache_dir"):
       raise ValueError("config.data.dataset='cub' needs --config.data.cub_dir=<CUB_200_2011 folder> and "
                        "--config.data.cub_cache_dir=<CMR cachedir> (see the README, 'Bringing CUB-200-2011')")
-    source = cub.CubSource(d.cub_dir, d.cub_cache_dir, _CUB_SPLITS[split], scops_dir=d.get("scops_dir"),
-                           on_bad_record=d.get("on_bad_record", "error"))
+    source = cub.CubSource(d.cub_dir, d.cub_cache_dir, _CUB_SPLITS[split], scops_dir=d.scops_dir,
+                           on_bad_record=d.on_bad_record)
     preprocess = [cub.CubPreprocess(d.image_size, train=(split == "train")), *preprocess]
   else:
     raise ValueError(f"config.data.dataset must be 'synthetic' or 'cub', got {d.dataset!r}")

@@ -411,7 +411,7 @@ def evaluate(config, model, sphere, state, writer=None, split: str | None = None
   skipped = {}
 
   if fid_features is None and protocol == "default":
-    if fid_variables is None and config.weights.get("inception"):
+    if fid_variables is None and config.weights.inception:
       from jaxrecon.models import weights as weights_lib  # pylint: disable=g-import-not-at-top
       fid_variables = weights_lib.load_variables(config.weights.inception, "fid_inception")
     if fid_variables is not None:

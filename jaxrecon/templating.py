@@ -71,7 +71,7 @@ def _part_reader(config, model, sphere):
   screen depth within `config.template.visibility_tolerance` of the rendered depth at their pixel)."""
   rasterize = components.make_rasterizer(config)
   screen_faces = components.make_screen_faces(config, sphere.faces)
-  s, tol = config.data.image_size, config.template.get("visibility_tolerance", 0.05)
+  s, tol = config.data.image_size, config.template.visibility_tolerance
 
   def read(params, batch_stats, images, part_maps):
     pred = model.apply({"params": params, "batch_stats": batch_stats}, images, train=False)
@@ -113,7 +113,7 @@ def export(config, model, sphere, state, directory: str) -> template_lib.Templat
   params, batch_stats = jax.device_get((state.params, state.batch_stats))
   vertices_half = np.asarray(model.template_half, np.float32) + np.asarray(jax.device_get(state.template_offset))
   uv_probs, vertex_reads, count = part_statistics(config, model, sphere, params, batch_stats)
-  labelling = config.template.get("labelling", "vertex_projection")
+  labelling = config.template.labelling
   if labelling not in ("vertex_projection", "uv_flow"):
     raise ValueError(f"config.template.labelling must be 'vertex_projection' or 'uv_flow', got {labelling!r}")
   provenance = {"step": int(state.step), "images_averaged": count, "dataset": config.data.dataset,
