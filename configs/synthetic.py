@@ -54,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.template_scale = 0.5     # the sphere template's radius (stage 1 learns a template)
+  # The template's radii along (forward x, across y, up z) as multiples of template_scale: 1, 1, 1 is
+  # the sphere (UMR); an ellipsoid longer than wide is a category prior, not per-image supervision.
+  config.model.template_axes = (1.0, 1.0, 1.0)
   # Stage 1's template folder (jaxrecon.template); unset: the sphere above is V_temp.
   config.model.template_dir = ml_collections.config_dict.placeholder(str)
   config.model.feature_dim = 200

@@ -58,11 +58,16 @@ def batch_axis(config) -> str | None:
 
 def make_model(config, sphere: mesh_lib.SymmetricMesh) -> reconstructor.Reconstructor:
   """The reconstructor on V_temp: the learned template of `config.model.template_dir` (stage 2), or
-  the sphere scaled by `config.model.template_scale` (stage 1 and single-stage runs). Its BatchNorm
+  the sphere scaled by `config.model.template_scale` and stretched by `config.model.template_axes`
+  (stage 1 and single-stage runs). Its BatchNorm
   statistics sum over `batch_axis(config)` when training under ``config.reduction='ordered'``."""
   m = config.model
   learned = load_template(config, sphere)
-  template = learned.vertices_half if learned is not None else sphere.half(sphere.vertices) * m.template_scale
+  if learned is not None:
+    template = learned.vertices_half
+  else:   # (older workdirs' config.json predate template_axes: a sphere)
+    axes = np.asarray(m.get("template_axes", (1.0, 1.0, 1.0)), np.float32)
+    template = sphere.half(sphere.vertices) * m.template_scale * axes
   return reconstructor.Reconstructor(
       template_half=np.asarray(template, np.float32), image_size=config.data.image_size,
       feature_dim=m.feature_dim, encoder_conv_channels=m.encoder_conv_channels,

@@ -93,6 +93,10 @@ def problems(config) -> list[str]:
   if widths is not None and (not isinstance(widths, (tuple, list)) or not widths
                              or not all(_is_int(w) and w > 0 for w in widths)):
     bad("model.resnet_widths", widths, "must be a tuple of positive integers")
+  axes = _get(config, "model.template_axes")
+  if axes is not None and (not isinstance(axes, (tuple, list)) or len(axes) != 3
+                           or not all(_is_real(a) and a > 0 for a in axes)):
+    bad("model.template_axes", axes, "must be three numbers > 0 (forward, across, up)")
   keep = _get(config, "checkpoint.max_to_keep")
   if keep is not None and (not _is_int(keep) or keep < 1):
     bad("checkpoint.max_to_keep", keep, "must be None (keep all) or an integer >= 1")

@@ -28,6 +28,7 @@ def test_bad_values_are_named_in_one_line():
   config.loss_weights.mask = -1.0
   config.optim.learning_rate = 0.0
   config.model.resnet_widths = (4, 0, 8, 8)
+  config.model.template_axes = (1.0, 0.0, 1.0)
   config.checkpoint.max_to_keep = 0
   config.loss_steps = {"no_term": (0, None), "mask": (10, 5)}
   with pytest.raises(config_checks.ConfigError) as error:
@@ -41,6 +42,7 @@ def test_bad_values_are_named_in_one_line():
                    "config.loss_weights.mask=-1.0: must be a number >= 0",
                    "config.optim.learning_rate=0.0: must be a number > 0",
                    "config.model.resnet_widths=(4, 0, 8, 8)",
+                   "config.model.template_axes=(1.0, 0.0, 1.0): must be three numbers > 0",
                    "config.checkpoint.max_to_keep=0",
                    "config.loss_steps.no_term=(0, None): is not a loss term",
                    "config.loss_steps.mask=(10, 5): must be (start, stop)"):
@@ -53,14 +55,14 @@ def test_wrong_types_and_every_mode_string():
   config.batch_size = "16"
   config.log_every = True
   for path in ("stage", "gan_input", "model.camera_init", "template.labelling", "weights.perceptual_net",
-               "data.dataset", "variance.combine"):
+               "data.dataset", "variance.combine", "deform_reference"):
     parent, _, leaf = path.rpartition(".")
     (config[parent] if parent else config)[leaf] = "nope"
   message = "; ".join(config_checks.problems(config))
   assert "config.batch_size='16': must be a positive integer" in message
   assert "config.log_every=True: must be a positive integer" in message
   for path in ("stage", "gan_input", "model.camera_init", "template.labelling", "weights.perceptual_net",
-               "data.dataset", "variance.combine"):
+               "data.dataset", "variance.combine", "deform_reference"):
     assert f"config.{path}='nope': must be one of" in message, path
 
 
