@@ -53,6 +53,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from clu import metrics as clu_metrics
 
 from jaxrecon import components, config_checks, distributed, evaluation, losses, ops, templating, workdir_lock
 from jaxrecon import template as template_lib
@@ -440,12 +441,36 @@ def jit_train_step(config, model, discriminator, sphere, tx, disc_tx, mesh: jax.
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_finite(metrics: dict, step: int):
-  bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
-  if bad:
-    raise FloatingPointError(
-        f"non-finite values at step {step}: {', '.join(f'{k}={metrics[k]}' for k in bad)}. "
-        "Training stopped; the last checkpoint is the last good state.")
+@jax.jit
+def _accumulate(window, metrics: dict) -> dict:
+  """Adds one step's metrics to the running window of a log interval, on device (no host sync):
+  per term a `clu.metrics.Average` (the window's sum and step count) and `first_bad`, the step into
+  the window (1 = its first) of the term's first non-finite value, 0 while there is none.
+  `window=None` starts a window. (A dict of Averages rather than a `clu.metrics.Collection` of
+  `Average.from_output`: that forwards the model output named 'mask' as clu's mask, and one of our
+  terms is called 'mask'.)"""
+  averages = {k: clu_metrics.Average.from_model_output(v) for k, v in metrics.items()}
+  finite = {k: jnp.all(jnp.isfinite(v)) for k, v in metrics.items()}
+  if window is None:
+    return {"averages": averages, "first_bad": {k: jnp.where(finite[k], 0, 1).astype(jnp.int32) for k in metrics}}
+  averages = {k: window["averages"][k].merge(a) for k, a in averages.items()}
+  first_bad = {k: jnp.where((b == 0) & ~finite[k], averages[k].count, b).astype(jnp.int32)
+               for k, b in window["first_bad"].items()}
+  return {"averages": averages, "first_bad": first_bad}
+
+
+def _check_finite(first_bad: dict, window_start: int, checked: int, done: int, last_checkpoint: int | None):
+  """Raises FloatingPointError if a term of the window (steps window_start+1..done, fetched
+  `first_bad` of `_accumulate`) was non-finite; steps up to `checked` were already found finite.
+  Steps count from 1, as in the logs and the checkpoints."""
+  bad = sorted(k for k, v in first_bad.items() if int(v))
+  if not bad:
+    return
+  first = window_start + min(int(first_bad[k]) for k in bad)
+  steps = f"at step {done}" if checked + 1 == done else f"between steps {checked + 1} and {done} (first at step {first})"
+  kept = (f"the last checkpoint (step {last_checkpoint}) is the last good state" if last_checkpoint is not None
+          else "no checkpoint was saved")
+  raise FloatingPointError(f"non-finite {', '.join(bad)} {steps}. Training stopped; {kept}.")
 
 
 def discriminator_channels(config) -> int:
@@ -634,15 +659,54 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
   images_every = config.get("log_images_every", 0)
   visualise = evaluation.make_visualise(config, model, sphere) if images_every and writer is not None else None
   train_keys = components.TRAIN_KEYS + (("parts",) if part_setup(config, sphere) is not None else ())
+  # Per-step metrics stay on device, summed over each log interval (`_accumulate`); they are fetched
+  # only at log steps, before checkpoints and at the end, so no step waits for the previous one.
+  # `history` holds one dict of means per logged window (bounded by num_train_steps / log_every).
   history = []
+  window, window_start, checked = None, start_step, start_step   # steps up to `checked` are known finite
+  last_checkpoint = start_step if restored is not None else None
   t0, last_log, last_step = time.time(), time.time(), start_step
 
+  def verify(done):
+    """The NaN guard for the steps not yet checked (a small fetch)."""
+    nonlocal checked
+    if window is not None and checked < done:
+      _check_finite(jax.device_get(window["first_bad"]), window_start, checked, done, last_checkpoint)
+    checked = done
+
+  def log(done):
+    """Fetches the window, checks it, and logs and records its means (the learning rate of step `done`)."""
+    nonlocal window, window_start, checked, last_log, last_step
+    if window is None:
+      return
+    fetched = jax.device_get(window)
+    _check_finite(fetched["first_bad"], window_start, checked, done, last_checkpoint)
+    means = {k: float(a.total / a.count) for k, a in fetched["averages"].items()}
+    means["learning_rate"] = float(learning_rate(config)(done - 1))
+    steps = done - window_start
+    window, window_start, checked = None, done, done
+    history.append({**means, "step": done})
+    if writer is not None:
+      now = time.time()
+      rate = (done - last_step) / max(now - last_log, 1e-9)   # over the last interval
+      last_log, last_step = now, done
+      for k, v in means.items():
+        writer.add_scalar(f"train/{k}", v, done)
+      writer.add_scalar("train/steps_per_second", rate, done)
+      eta = (config.num_train_steps - done) / max(rate, 1e-9)
+      logging.info("step %d/%d  total %.4f  mask %.4f  tex %.4f (means of %d steps)  %.2f steps/s  elapsed %.0fs  "
+                   "ETA %.0fs", done, config.num_train_steps, means["total"], means["mask"], means["texture_l1"],
+                   steps, rate, now - t0, eta)
+
   def save(done):
+    nonlocal last_checkpoint
+    verify(done)    # never a checkpoint after a non-finite step
     # Orbax writes JSON from process 0 only: gather every process's iterator state into it.
     data_states = distributed.allgather_json(data_iter.get_state().decode())
     manager.save(done, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         extra=ocp.args.JsonSave({"data_state": data_states[0], "data_states": data_states, "step": done})))
+    last_checkpoint = done
     if writer is not None:
       writer.flush()    # the summaries up to a checkpoint survive a kill; a restart logs only later steps
 
@@ -657,22 +721,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
       p_train_step = p_train_step.lower(state, batch, frozen).compile()
       distributed.barrier("train step compiled")
     state, metrics = p_train_step(state, batch, frozen)
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    _check_finite(metrics, step)
-    metrics["learning_rate"] = float(learning_rate(config)(step))
-    history.append(metrics)
+    window = _accumulate(window, metrics)
     done = step + 1
-    if writer is not None and (done % config.log_every == 0 or done == config.num_train_steps):
-      now = time.time()
-      rate = (done - last_step) / max(now - last_log, 1e-9)   # over the last interval
-      last_log, last_step = now, done
-      for k, v in metrics.items():
-        writer.add_scalar(f"train/{k}", v, done)
-      writer.add_scalar("train/steps_per_second", rate, done)
-      eta = (config.num_train_steps - done) / max(rate, 1e-9)
-      logging.info("step %d/%d  total %.4f  mask %.4f  tex %.4f  %.2f steps/s  elapsed %.0fs  ETA %.0fs",
-                   done, config.num_train_steps, metrics["total"], metrics["mask"], metrics["texture_l1"], rate,
-                   now - t0, eta)
+    if done % config.log_every == 0 or done == config.num_train_steps:
+      log(done)
     if visualise is not None and (done % images_every == 0 or done == config.num_train_steps):
       evaluation.log_images(visualise, state, local, writer, workdir, done, config.get("log_images_count", 4))
     if learns_template and (done % config.template.update_every == 0 or done == config.num_train_steps):
@@ -685,6 +737,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     if saved:
       save(done)
     if preemption.reached(done):
+      log(done)       # the window so far: a resumed run's first window starts after this checkpoint
       if not saved:
         save(done)
       preempted = True

@@ -28,6 +28,7 @@ def _config(data_dir, steps, evaluate=True):
   config = test_config.get_config()
   config.data.data_dir = data_dir
   config.num_train_steps = steps
+  config.log_every = 1              # train_history holds every step (a window of 1) for the comparisons below
   if not evaluate:                  # tests of the training history alone skip the evaluation's compile
     config.eval.splits = ()
   return config
@@ -74,19 +75,40 @@ def test_resume_continues_exactly(straight_run, data_dir, tmp_path):
   np.testing.assert_array_equal(resumed, _losses(straight["train_history"]))
 
 
-def test_nan_guard_names_the_terms(data_dir, tmp_path, monkeypatch):
-  original = train.pipeline.global_batch
+def test_logged_metrics_are_the_means_of_their_window(straight_run, data_dir, tmp_path):
+  _, straight = straight_run        # logged every step
+  config = _config(data_dir, 2, evaluate=False)
+  config.log_every = 2
+  history = train.train_and_evaluate(config, str(tmp_path / "every2"))["train_history"]
+  assert [h["step"] for h in history] == [2]
+  assert [h["step"] for h in straight["train_history"]] == [1, 2, 3]
+  steps = straight["train_history"][:2]
+  for k in ("total", "mask", "texture_l1", "grad_norm", "param_norm", "discriminator"):
+    np.testing.assert_allclose(history[0][k], np.mean([h[k] for h in steps]), rtol=1e-6, err_msg=k)
+  assert history[0]["learning_rate"] == steps[1]["learning_rate"]    # the rate of the window's last step
 
-  def poisoned(batch, sharding):
-    batch = dict(batch)
-    batch["image"] = np.full_like(batch["image"], np.nan)
+
+def test_nan_guard_names_the_terms_and_the_window(data_dir, tmp_path, monkeypatch):
+  original = train.pipeline.global_batch
+  calls = []
+
+  def poisoned(batch, sharding):    # NaN images from step 3 on
+    calls.append(1)
+    if len(calls) >= 3:
+      batch = dict(batch)
+      batch["image"] = np.full_like(batch["image"], np.nan)
     return original(batch, sharding)
 
   monkeypatch.setattr(train.pipeline, "global_batch", poisoned)
   workdir = str(tmp_path / "nan")
-  with pytest.raises(FloatingPointError, match=r"non-finite values at step 0: .*texture_l1"):
-    train.train_and_evaluate(_config(data_dir, 2, evaluate=False), workdir)
-  assert not os.path.exists(os.path.join(workdir, "checkpoints", "1"))   # nothing bad was saved
+  config = _config(data_dir, 5, evaluate=False)
+  config.log_every, config.checkpoint.every, config.log_images_every = 5, 2, 0
+  # No log step before step 5: the check before step 4's checkpoint stops the run.
+  with pytest.raises(FloatingPointError, match=r"non-finite .*texture_l1.* between steps 3 and 4 \(first at "
+                                               r"step 3\)\. Training stopped; the last checkpoint \(step 2\) is "
+                                               r"the last good state"):
+    train.train_and_evaluate(config, workdir)
+  assert {d.split(".")[0] for d in os.listdir(os.path.join(workdir, "checkpoints"))} == {"2"}   # nothing bad saved
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +119,7 @@ def one_device_run(data_dir, tmp_path_factory):
       "import jax, json; jax.config.update('jax_num_cpu_devices', 1)\n"
       "from configs import test as t; from jaxrecon import train\n"
       f"c = t.get_config(); c.data.data_dir = {data_dir!r}; c.num_train_steps = 30; c.checkpoint.every = 30\n"
-      "c.eval.splits = (); c.log_images_every = 0\n"
+      "c.eval.splits = (); c.log_images_every = 0; c.log_every = 1\n"
       f"r = train.train_and_evaluate(c, {workdir!r})\n"
       "assert jax.device_count() == 1\n"
       "print('HISTORY', json.dumps([[h['total'], h['grad_norm']] for h in r['train_history']]))\n")
