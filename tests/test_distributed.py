@@ -275,6 +275,7 @@ def _worker(workdir, data_dir, restore_from=None):
   config.data.data_dir = data_dir
   config.num_train_steps = STEPS
   config.reduction = "ordered"      # sums in device order: the same bits for 2 processes and 1
+  config.log_every = 1              # train_history: every step's metrics (a window of 1), compared bit for bit
   config.log_images_every = 0
   config.eval.splits = ()           # evaluation of a shard per process: see the report / train.py patch
   original = components.make_data

@@ -37,6 +37,7 @@ def _command(workdir, data_dir, *extra):
   return [sys.executable, "-m", "jaxrecon.main", "--config=configs/test.py", f"--workdir={workdir}",
           "--cpu_devices=1", f"--config.data.data_dir={data_dir}", f"--config.num_train_steps={STEPS}",
           f"--config.checkpoint.every={EVERY}", "--config.eval.splits=()", "--config.log_images_every=0",
+          "--config.log_every=1",         # every step logged: the TensorBoard series are compared step by step
           f"--compilation_cache={os.environ['JAX_COMPILATION_CACHE_DIR']}", *extra]
 
 

@@ -17,6 +17,7 @@ def _stage(data_dir, stage1: bool, steps: int):
   config = test_config.get_config()
   config.data.data_dir = data_dir
   config.num_train_steps = steps
+  config.log_every = 1              # train_history: one entry per step (the counts below)
   config.eval.splits = ("test",)
   if stage1:
     reference = synthetic_pipeline.get_config().stage1
