@@ -46,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_hypotheses = 8
   config.model.camera_width = 200
   config.model.camera_init = "identity"      # UMR's
+  # UMR's multiplex and sphere (the synthetic default's camera levers and elongated template are
+  # measured on synthetic birds only; configs/synthetic.py).
+  config.camera_selection = "expected"
+  config.model.template_axes = (1.0, 1.0, 1.0)
   config.model.flow_base_channels = 256
   config.model.flow_stages = 5                 # UV flow 128x256
   config.model.variance_base_channels = 64
@@ -71,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   w.flatten = 0.0005
   w.deform = 1.0
   w.camera_entropy = 0.05
+  w.camera_flip = 0.0
   w.texture_perceptual = 3.0       # UMR's texture loss is the perceptual one
   w.texture_l1 = 1.0               # the paper's L_rec (Eq. 35); our choice of weight
   w.texture_dt = 3.0

@@ -26,12 +26,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_train_steps = 200
   config.model.num_hypotheses = 1
   config.model.camera_init = "azimuths"   # one hypothesis: a side view
+  config.model.template_axes = (1.0, 1.0, 1.0)   # UMR's sphere start
+  config.camera_selection = "expected"           # (one hypothesis: no selection to make)
   config.variance.mode = "none"
   w = config.loss_weights
   w.mask, w.laplacian, w.flatten, w.deform = 3.0, 0.15, 0.0004, 5.0
   w.texture_l1, w.texture_dt, w.texture_cycle = 3.0, 3.0, 0.5
   w.symmetry_plane = 0.4
   w.camera_entropy = 0.0
+  w.camera_flip = 0.0
   w.variance_lookahead, w.fid = 0.0, 0.0
   # UMR's stage-1 GAN judges silhouettes (weight 1.0); off on CPU like stage 2's, on in cub_stage1.py.
   config.gan_input = "silhouette"

@@ -238,7 +238,7 @@ def test_perceptual_and_fid_terms_train(tmp_path):
 
 
 def test_camera_levers_enter_the_step():
-  """configs/synthetic_best_camera.py's terms: winner-takes-all selection's cross-entropy and the
+  """The default camera levers (configs/synthetic.py): winner-takes-all selection's cross-entropy and the
   flip-consistency term are in the objective, finite, and move D_cam. With
   deform_reference='batch_mean' a batch of one bird repeated has no instance deviation to pay for."""
   config = test_config.get_config()
