@@ -17,7 +17,6 @@ from scipy import ndimage
 
 from jaxrecon.geometry import camera
 from jaxrecon.geometry import mesh as mesh_lib
-from jaxrecon.metrics.fid import fid_loss  # noqa: F401  (re-exported: Eq. 40-47)
 
 # --------------------------------------------------------------------------------------------
 # Shape
