@@ -239,25 +239,43 @@ def test_perceptual_and_fid_terms_train(tmp_path):
 
 def test_camera_levers_enter_the_step():
   """The default camera levers (configs/synthetic.py): winner-takes-all selection's cross-entropy and the
-  flip-consistency term are in the objective, finite, and move D_cam. With
-  deform_reference='batch_mean' a batch of one bird repeated has no instance deviation to pay for."""
+  flip-consistency term are in the objective, finite, and move D_cam."""
   config = test_config.get_config()
-  config.deform_reference = "batch_mean"
   config.camera_selection = "best"
   config.loss_weights.camera_flip = 1.0
   config.loss_weights.camera_entropy = 0.0
   config.loss_weights.gan = 0.0
   config.loss_weights.variance_lookahead = 0.0
   state, batch, loss_fn = _objective_on_four_birds(config)
-  batch = {k: jnp.broadcast_to(v[:1], v.shape) for k, v in batch.items()}
   flip_only = lambda p: (lambda out: (out[1][0]["camera_flip"], out[1][0]))(
       loss_fn(p, state.batch_stats, state.disc_params, batch, jax.random.key(0), None, {}))
   (_, terms), grads = jax.jit(jax.value_and_grad(flip_only, has_aux=True))(state.params)
   assert np.isfinite(terms["camera_flip"]) and terms["camera_flip"] >= 0
   assert 0 < terms["camera_choice"] < 10 and np.isfinite(terms["mask"])
-  assert terms["deform"] < 1e-5, terms["deform"]    # sqrt(0 + 1e-12) per vertex
   assert float(train.optax.global_norm(grads["camera"])) > 0      # the flip term moves D_cam
   assert float(train.optax.global_norm(grads["shape"])) == 0      # and nothing it does not see
+
+
+@pytest.mark.parametrize("reference", ["template", "batch_mean"])
+def test_deform_reference(reference):
+  """A shift shared by every instance's offsets (D_shape's bias) is paid for by the deformation term
+  around the template, and not at all by 'batch_mean', which regularises only the deviation from
+  the batch's mean shape."""
+  config = test_config.get_config()
+  config.deform_reference = reference
+  config.loss_weights.gan = 0.0
+  config.loss_weights.variance_lookahead = 0.0
+  state, batch, loss_fn = _objective_on_four_birds(config)
+  deform = jax.jit(lambda p: loss_fn(p, state.batch_stats, state.disc_params, batch, jax.random.key(0), None,
+                                     {})[1][0]["deform"])
+  shifted = jax.tree.map(lambda x: x, state.params)
+  shifted["shape"]["shape_fc"]["bias"] = shifted["shape"]["shape_fc"]["bias"] + 0.1
+  before, after = float(deform(state.params)), float(deform(shifted))
+  if reference == "template":
+    assert after > before + 0.1, (before, after)      # every offset grew by |(0.1, 0.1, 0.1)| = 0.17
+  else:
+    np.testing.assert_allclose(after, before, rtol=1e-4)
+    assert before > 1e-4        # the birds' own deviations are paid for
 
 
 def _one_step(config, mesh, batch):
